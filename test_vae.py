@@ -1,0 +1,239 @@
+"""Tests for vae.py: full-size key layouts vs checkpoint manifests, parity with diffusers golden tensors
+(fixtures/gen_vae.py), conversion round trips, distribution maths and strict-loading errors."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+import vae
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MANIFESTS = {"sd": "sd-vae", "kl-f8": "ldm-kl-f8", "vq-f4": "ldm-vq-f4", "vq-f4-noattn": "ldm-vq-f4-noattn"}
+
+
+def _load_gen():
+    spec = importlib.util.spec_from_file_location("gen_vae", os.path.join(HERE, "fixtures", "gen_vae.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+gen = _load_gen()
+FIX = torch.load(os.path.join(HERE, "fixtures", "vae_parity.pt"), weights_only=True)
+
+
+def manifest(name: str) -> dict:
+    with open(os.path.join(HERE, "fixtures", "manifests", f"{MANIFESTS[name]}.json")) as f:
+        d = json.load(f)
+    return {k: tuple(v[0]) for k, v in d.items() if not k.startswith(vae.IGNORED_PREFIXES)}
+
+
+def close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def model(name: str):
+    return gen.randomize_(vae.build_autoencoder(gen.CONFIGS[name])).eval()
+
+
+# ----------------------------------------------------------------------------- layouts
+
+@pytest.mark.parametrize("preset", list(MANIFESTS))
+def test_full_size_layout_matches_manifest(preset):
+    with torch.device("meta"):
+        m = vae.build_autoencoder(vae.PRESETS[preset])
+    ours = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    ref = manifest(preset)
+    assert list(ours) == list(ref)  # same keys in the same order
+    assert ours == ref
+
+
+@pytest.mark.parametrize("preset", list(MANIFESTS))
+def test_infer_config_from_manifest(preset):
+    sd = {k: torch.empty(s, device="meta") for k, s in manifest(preset).items()}
+    assert vae.infer_config(sd) == vae.PRESETS[preset]
+
+
+@pytest.mark.parametrize("preset", [p for p in vae.PRESETS if p not in MANIFESTS])
+def test_infer_config_round_trips_other_presets(preset):
+    cfg = vae.PRESETS[preset]
+    with torch.device("meta"):
+        sd = vae.build_autoencoder(cfg).state_dict()
+    got = vae.infer_config(sd, resolution=cfg.resolution)
+    assert got == vae.replace(cfg, scale_factor=got.scale_factor)
+
+
+@pytest.mark.parametrize("preset", ["tiny-kl", "tiny-vq"])
+def test_tiny_presets_run(preset):
+    m = vae.build_autoencoder(vae.PRESETS[preset]).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        recon = m(x)[0]
+        lat = m.encode(x)
+    assert recon.shape == x.shape
+    lat = lat.mode() if isinstance(lat, vae.DiagonalGaussianDistribution) else lat
+    assert lat.shape == (2, vae.PRESETS[preset].embed_dim, 16, 16)
+
+
+# ----------------------------------------------------------------------------- parity with diffusers
+
+def test_kl_parity():
+    m = model("kl")
+    with torch.no_grad():
+        post = m.encode(FIX["kl_x"])
+        close(post.mean, FIX["kl_mean"])
+        close(post.logvar, FIX["kl_logvar"])
+        close(m.decode(FIX["kl_z"]), FIX["kl_dec"])
+
+
+@pytest.mark.parametrize("name", ["vq", "vqna"])
+def test_vq_parity(name):
+    m = model(name)
+    with torch.no_grad():
+        h = m.encode(FIX[f"{name}_x"])
+        close(h, FIX[f"{name}_h"])
+        quant, loss, (_, _, idx) = m.quantize(FIX[f"{name}_h"])
+        assert torch.equal(idx, FIX[f"{name}_indices"])
+        close(quant, FIX[f"{name}_quant"])
+        close(loss, FIX[f"{name}_loss"])
+        close(m.decode(FIX[f"{name}_h"]), FIX[f"{name}_dec"])
+        close(m.decode_code(idx.reshape(1, *h.shape[2:])), FIX[f"{name}_dec"])
+
+
+@pytest.mark.parametrize("name", list(gen.CONFIGS))
+def test_config_from_diffusers(name):
+    assert vae.config_from_diffusers(json.loads(FIX[f"{name}_config"])) == gen.CONFIGS[name]
+
+
+@pytest.mark.parametrize("name", list(gen.CONFIGS))
+def test_convert_diffusers_is_exact_inverse(name):
+    pytest.importorskip("diffusers")  # the reference converter; a dev requirement
+    sd = model(name).state_dict()
+    dsd = gen.to_diffusers(sd, gen.diffusers_config(gen.CONFIGS[name]))
+    back = vae.convert_diffusers(dsd)
+    assert set(back) == set(sd)
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    m = vae.autoencoder_from_state_dict(back, vae.config_from_diffusers(json.loads(FIX[f"{name}_config"])))
+    assert isinstance(m, vae.VQModel if gen.CONFIGS[name].is_vq else vae.AutoencoderKL)
+
+
+def test_convert_diffusers_legacy_attention_names():
+    # Older diffusers folders name the VAE attention query/key/value/proj_attn.
+    c = 64
+    dsd = {f"encoder.mid_block.attentions.0.{n}.weight": torch.randn(c, c) for n in ("query", "key", "value")}
+    dsd["encoder.mid_block.attentions.0.proj_attn.weight"] = torch.randn(c, c)
+    dsd["decoder.up_blocks.0.resnets.2.conv_shortcut.bias"] = torch.randn(c)
+    dsd["encoder.down_blocks.1.downsamplers.0.conv.weight"] = torch.randn(c, c, 3, 3)
+    dsd["decoder.up_blocks.1.upsamplers.0.conv.weight"] = torch.randn(c, c, 3, 3)
+    dsd["encoder.down_blocks.3.resnets.0.norm1.weight"] = torch.randn(c)
+    out = vae.convert_diffusers(dsd)
+    assert torch.equal(out["encoder.mid.attn_1.q.weight"][:, :, 0, 0], dsd["encoder.mid_block.attentions.0.query.weight"])
+    assert out["encoder.mid.attn_1.proj_out.weight"].shape == (c, c, 1, 1)
+    # 4 levels: diffusers up_blocks.0 is our up.3 (lowest resolution).
+    assert "decoder.up.3.block.2.nin_shortcut.bias" in out
+    assert "decoder.up.2.upsample.conv.weight" in out
+    assert "encoder.down.1.downsample.conv.weight" in out
+
+
+# ----------------------------------------------------------------------------- maths
+
+def test_distribution_maths():
+    mean = torch.zeros(2, 4, 3, 3)
+    std_normal = vae.DiagonalGaussianDistribution(torch.cat([mean, torch.zeros_like(mean)], 1))
+    assert torch.equal(std_normal.kl(), torch.zeros(2))
+    assert torch.allclose(std_normal.kl(std_normal), torch.zeros(2))
+    clamp = vae.DiagonalGaussianDistribution(torch.cat([mean, torch.full_like(mean, 100.0)], 1))
+    assert clamp.logvar.max() == 20.0 and torch.allclose(clamp.var, torch.exp(torch.tensor(20.0)))
+    clamp = vae.DiagonalGaussianDistribution(torch.cat([mean, torch.full_like(mean, -100.0)], 1))
+    assert clamp.logvar.min() == -30.0
+    p = vae.DiagonalGaussianDistribution(torch.cat([torch.ones_like(mean), torch.zeros_like(mean)], 1))
+    assert torch.allclose(p.kl(), torch.full((2,), 0.5 * 36))  # 0.5 * sum(mean^2) over 4*3*3 elements
+    assert torch.equal(p.mode(), torch.ones_like(mean))
+    a = p.sample(torch.Generator().manual_seed(3))
+    b = p.sample(torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and not torch.equal(a, p.mean)
+
+
+def test_vq_straight_through_gradient_reaches_encoder():
+    m = vae.build_autoencoder(vae.PRESETS["tiny-vq"])
+    x = torch.randn(1, 3, 32, 32)
+    recon, emb_loss = m(x)
+    (recon.pow(2).mean() + emb_loss).backward()
+    assert m.encoder.conv_in.weight.grad is not None and m.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert m.quantize.embedding.weight.grad.abs().sum() > 0  # codebook term
+
+
+def test_vq_loss_is_legacy_ordering():
+    q = vae.VectorQuantizer(4, 2, beta=0.25)
+    z = torch.randn(1, 2, 3, 3, requires_grad=True)
+    z_q, loss, (_, _, idx) = q(z)
+    e = q.embedding.weight[idx].reshape(1, 3, 3, 2).permute(0, 3, 1, 2)
+    assert torch.allclose(loss, 1.25 * (e - z).pow(2).mean())
+    assert torch.allclose(z_q, e)
+    loss.backward()
+    # d/dz of ||sg[e] - z||^2 (weight 1): the beta term only reaches the codebook.
+    assert torch.allclose(z.grad, 2 * (z - e).detach() / z.numel())
+
+
+# ----------------------------------------------------------------------------- loading
+
+def test_from_state_dict_assigns_without_copy_and_ignores_loss_keys():
+    src = model("kl")
+    sd = dict(src.state_dict())
+    sd["loss.logvar"] = torch.zeros(())
+    sd["model_ema.decay"] = torch.tensor(0.999)
+    m = vae.autoencoder_from_state_dict(sd)
+    assert m.encoder.conv_in.weight.data_ptr() == sd["encoder.conv_in.weight"].data_ptr()
+    assert isinstance(m, vae.AutoencoderKL) and m.scale_factor == 0.18215
+    with torch.no_grad():
+        close(m.encode(FIX["kl_x"]).mean, FIX["kl_mean"])
+
+
+def test_from_state_dict_errors_name_keys():
+    sd = dict(model("vq").state_dict())
+    extra = dict(sd, **{"encoder.bogus.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"unexpected keys: encoder\.bogus\.weight"):
+        vae.autoencoder_from_state_dict(extra)
+    missing = dict(sd)
+    del missing["decoder.up.1.block.2.conv1.bias"]
+    with pytest.raises(ValueError, match=r"missing keys: decoder\.up\.1\.block\.2\.conv1\.bias"):
+        vae.autoencoder_from_state_dict(missing, gen.CONFIGS["vq"])
+    bad = dict(sd, **{"quant_conv.bias": torch.zeros(5)})
+    with pytest.raises(ValueError, match=r"shape-mismatched keys: quant_conv\.bias"):
+        vae.autoencoder_from_state_dict(bad)
+    many = {k: v for k, v in sd.items() if not k.startswith("decoder.up.")}
+    with pytest.raises(ValueError, match=r"in all\)"):
+        vae.autoencoder_from_state_dict(many, gen.CONFIGS["vq"])
+
+
+def test_load_autoencoder_files(tmp_path):
+    pytest.importorskip("ldm")
+    safetensors = pytest.importorskip("safetensors.torch")
+    src = model("kl")
+    sd = {k: v.contiguous() for k, v in src.state_dict().items()}
+    # Standalone VAE .safetensors with a scale_factor in its metadata.
+    safetensors.save_file(sd, str(tmp_path / "vae.safetensors"), metadata={"format": "pt", "scale_factor": "0.5"})
+    m = vae.load_autoencoder(str(tmp_path / "vae.safetensors"))
+    assert m.scale_factor == 0.5
+    # LDM first-stage checkpoint: Lightning wrapper plus loss.* keys.
+    torch.save({"state_dict": dict(sd, **{"loss.logvar": torch.zeros(())}), "global_step": 1}, tmp_path / "model.ckpt")
+    m2 = vae.load_autoencoder(str(tmp_path / "model.ckpt"))
+    # Diffusers vae/ folder.
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    dconfig = gen.diffusers_config(gen.CONFIGS["kl"])
+    dsd = {k: v.contiguous() for k, v in gen_diffusers_sd(sd, dconfig).items()}
+    safetensors.save_file(dsd, str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(dict(dconfig, scaling_factor=0.25)))
+    m3 = vae.load_autoencoder(str(folder))
+    assert m3.scale_factor == 0.25
+    with torch.no_grad():
+        for mm in (m, m2, m3):
+            close(mm.encode(FIX["kl_x"]).mean, FIX["kl_mean"])
+
+
+def gen_diffusers_sd(sd: dict, dconfig: dict) -> dict:
+    pytest.importorskip("diffusers")
+    return gen.to_diffusers(sd, dconfig)
