@@ -105,29 +105,31 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 
 
 def save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] = None):
-    """Write a .safetensors file atomically (temporary file, fsync, rename): a crash leaves any old file intact."""
+    """Write a .safetensors file atomically (temporary file, fsync, rename): a crash leaves any old file intact.
+    Tensors are streamed one at a time, so writing never holds a second copy of the model."""
     path = Path(path)
-    header, offset, parts = {}, 0, []
+    header, offset = {}, 0
     for name, t in tensors.items():
-        t = t.detach().to("cpu").contiguous()
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        parts.append(data)
-        offset += len(data)
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # 8-byte aligned data section
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for data in parts:
-            f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)))
+            f.write(blob)
+            for t in tensors.values():
+                if t.numel():
+                    f.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class _Inert:
@@ -339,11 +341,11 @@ class LatentDiffusion(nn.Module):
 
     @property
     def latent_channels(self) -> int:
-        return self.unet.config.in_channels
+        return self.unet.cfg.in_channels
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.vae.config.ch_mult) - 1)
+        return 2 ** (len(self.vae.cfg.ch_mult) - 1)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
@@ -390,14 +392,14 @@ class LatentDiffusion(nn.Module):
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         """The state dict under the public single-file SD key names (plus the schedule buffers SD files carry)."""
-        parts = {"unet": self.unet, "vae": self.vae, self.text_encoder.config.layout: self.text_encoder}
+        parts = {"unet": self.unet, "vae": self.vae, self.text_encoder.cfg.layout: self.text_encoder}
         sd = {PREFIXES[name] + k: v for name, module in parts.items() for k, v in module.state_dict().items()}
         sd.update(schedule_buffers(make_schedule()))
         return sd
 
     def model_config(self) -> dict:
         """Everything the weights cannot say, stored in exported files' metadata so load_model needs nothing else."""
-        return dict(unet=asdict(self.unet.config), vae=asdict(self.vae.config), text=asdict(self.text_encoder.config),
+        return dict(unet=asdict(self.unet.cfg), vae=asdict(self.vae.cfg), text=asdict(self.text_encoder.cfg),
                     pad_id=self.tokenizer.pad_id, scale_factor=self.scale_factor,
                     prediction_type=self.prediction_type, resolution=self.resolution)
 
@@ -598,7 +600,7 @@ def probe_prediction_type(model: LatentDiffusion) -> str:
     well below the input. The threshold -1 separates the public SD 2.x eps and v checkpoints."""
     device, dtype = model.device, model.dtype
     x = torch.full((1, model.latent_channels, 8, 8), 0.5, device=device, dtype=dtype)
-    context = torch.zeros(1, 77, model.unet.config.context_dim, device=device, dtype=dtype)
+    context = torch.zeros(1, 77, model.unet.cfg.context_dim, device=device, dtype=dtype)
     out = model.unet(x, torch.tensor([999], device=device), context)
     return "v" if (out.float() - x.float()).mean().item() < -1 else "eps"
 
@@ -613,14 +615,15 @@ def _load_single_file(path: Path, device, prediction_type):
             raise CheckpointError(f"{path}: holds an autoencoder only; load it with vae.load_autoencoder, or pass "
                                   "it as --vae next to a full checkpoint")
         cfg = dict(PRESETS[layout])
+        # shapes tell the U-Net's size (e.g. 9 input channels for inpainting models); presets tell the rest
         cfg["unet"] = asdict(unet_lib.infer_config(
-            {k[len(PREFIXES["unet"]):]: v for k, v in sd.items() if k.startswith(PREFIXES["unet"])}, layout))
+            {k[len(PREFIXES["unet"]):]: v for k, v in sd.items() if k.startswith(PREFIXES["unet"])}))
         if layout == "sd2":
             cfg["prediction_type"] = None  # decided below
     with torch.device("meta"):
         model = build_model(cfg, prediction_type=prediction_type or cfg["prediction_type"] or "eps")
     parts = split_checkpoint(sd, path)
-    text_name = model.text_encoder.config.layout
+    text_name = model.text_encoder.cfg.layout
     _load_strict(model.unet, parts["unet"], f"{path} (U-Net, {PREFIXES['unet']}*)")
     _load_strict(model.vae, parts["vae"], f"{path} (VAE, {PREFIXES['vae']}*)")
     _load_strict(model.text_encoder, parts[text_name], f"{path} (text encoder, {PREFIXES[text_name]}*)")
@@ -693,6 +696,7 @@ def load_model(path: str | os.PathLike = None, *, device=None, dtype=None,
     model.config = cfg
     if prediction_type is None and cfg.get("prediction_type") is None:
         model.prediction_type = probe_prediction_type(model)
+        model.resolution = 768 if model.prediction_type == "v" else 512  # 2.x-768-v vs 2.x-base
         print(f"{path.name}: SD 2.x checkpoint, prediction type probed as {model.prediction_type!r} "
               "(pass prediction_type='eps' or 'v' to override)")
     return model.eval().requires_grad_(False)
