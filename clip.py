@@ -132,14 +132,14 @@ class Tokenizer:
     def __call__(self, texts: str | list[str]) -> torch.LongTensor:
         texts = [texts] if isinstance(texts, str) else list(texts)
         n = self.context_length
-        out = torch.full((len(texts), n), self.pad_id, dtype=torch.long)  # (B, 77)
+        out = torch.full((len(texts), n), self.pad_id, dtype=torch.long, device="cpu")  # (B, 77)
         cut = []
         for row, text in enumerate(texts):
             ids = [self.sot_id] + self.encode(text) + [self.eot_id]
             if len(ids) > n:
                 cut.append(f"prompt {row}: {len(ids) - n} tokens dropped")
                 ids = ids[:n - 1] + [self.eot_id]  # EOT stays last: the text encoder pools/conditions up to it
-            out[row, :len(ids)] = torch.tensor(ids)
+            out[row, :len(ids)] = torch.tensor(ids, device="cpu")
         if cut:
             warnings.warn(f"prompt longer than {n} tokens was truncated ({'; '.join(cut)})", stacklevel=2)
         return out

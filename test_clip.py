@@ -215,6 +215,18 @@ def test_sd2_parity_with_open_clip_penultimate(parity):
     assert not torch.allclose(run(model, parity["tokens_sd2"]), parity["sd2"], atol=1e-2)
 
 
+def test_sd2_without_last_block_equals_penultimate(parity):
+    """What a diffusers SD2 export keeps (blocks 0..22, no projection) run to the end == SD2's penultimate output."""
+    full = clip.build_text_encoder(SD2_NARROW).state_dict()
+    weights = seeded_weights({k: v.shape for k, v in full.items()}, seed=2)
+    kept = {k: v for k, v in weights.items()
+            if not k.startswith("transformer.resblocks.23.") and k not in ("text_projection", "logit_scale")}
+    cfg = clip.TextConfig(layout="openclip", width=64, layers=23, heads=4, act="gelu", layer="last")
+    model = clip.build_text_encoder(cfg)
+    model.load_state_dict(kept, strict=True)
+    assert_parity(run(model, parity["tokens_sd2"]), parity["sd2"])
+
+
 def test_sd1_diffusers_folder_layouts(parity):
     """transformers < 5 saves `text_model.` + a persistent position_ids; both must convert to our names."""
     shapes = {k: v.shape for k, v in clip.build_text_encoder(SD1_NARROW).state_dict().items()}
