@@ -275,7 +275,15 @@ class DiagonalGaussianDistribution:
         return 0.5 * torch.sum(math.log(2.0 * math.pi) + self.logvar + (sample - self.mean) ** 2 / self.var, dim=dims)
 
 
-class AutoencoderKL(nn.Module):
+class _FirstStage(nn.Module):
+    cfg: AutoencoderConfig
+
+    @property
+    def config(self) -> AutoencoderConfig:  # the name LatentDiffusion reads; same object as .cfg
+        return self.cfg
+
+
+class AutoencoderKL(_FirstStage):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         assert cfg.double_z, "a KL autoencoder predicts mean and logvar (double_z=True)"
@@ -331,7 +339,7 @@ class VectorQuantizer(nn.Module):
         return self.embedding(indices).permute(0, 3, 1, 2).contiguous()
 
 
-class VQModel(nn.Module):
+class VQModel(_FirstStage):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
         assert cfg.n_embed and not cfg.double_z, "a VQ model needs n_embed and double_z=False"
