@@ -80,7 +80,7 @@ class Tokenizer:
         with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
             merges = [tuple(line.split()) for line in f.read().split("\n") if line and not line.startswith("#version")]
         pad_token = EOT_TOKEN  # transformers' CLIPTokenizer default
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the latter wins, as in transformers
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):  # either may name it; public SD folders agree
             path = os.path.join(folder, name)
             if os.path.exists(path):
                 with open(path, encoding="utf-8") as f:

@@ -124,7 +124,7 @@ def test_decode_round_trip(tok):
     assert tok.decode(tok("東京の夜景 🐱")[0]) == "東京の夜景 🐱"
 
 
-def write_diffusers_tokenizer(folder, tok, pad_token):
+def write_diffusers_tokenizer(folder, tok, pad_token, config_file="special_tokens_map.json"):
     """A transformers-style tokenizer folder derived from the shipped BPE file."""
     import gzip
     with gzip.open(clip.BPE_PATH) as f:
@@ -135,14 +135,17 @@ def write_diffusers_tokenizer(folder, tok, pad_token):
     with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
     if pad_token is not None:
-        with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        with open(os.path.join(folder, config_file), "w") as f:
             json.dump({"bos_token": clip.SOT_TOKEN, "eos_token": clip.EOT_TOKEN, "pad_token": pad_token}, f)
 
 
 def test_from_diffusers(tmp_path, tok, golden_tokens):
-    for pad_token, pad_id in [(None, 49407), ("<|endoftext|>", 49407), ("!", 0), ({"content": "!"}, 0)]:
-        folder = str(tmp_path / f"tokenizer_{pad_id}_{type(pad_token).__name__}")
-        write_diffusers_tokenizer(folder, tok, pad_token)
+    cases = [(None, 49407, "special_tokens_map.json"), ("<|endoftext|>", 49407, "special_tokens_map.json"),
+             ("!", 0, "special_tokens_map.json"),
+             ({"__type": "AddedToken", "content": "!"}, 0, "tokenizer_config.json")]
+    for i, (pad_token, pad_id, config_file) in enumerate(cases):
+        folder = str(tmp_path / f"tokenizer{i}")
+        write_diffusers_tokenizer(folder, tok, pad_token, config_file)
         hf = clip.Tokenizer.from_diffusers(folder)
         assert hf.pad_id == pad_id
         for prompt, ids in zip(golden_tokens["prompts"][:40], golden_tokens["encode"][:40]):
