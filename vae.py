@@ -66,8 +66,7 @@ PRESETS: dict[str, AutoencoderConfig] = {
     "vq-f8": _vq(4, 16384, (1, 2, 2, 4), (32,)),
     "vq-f16": _vq(8, 16384, (1, 1, 2, 2, 4), (16,)),
     # CPU-sized models for tests and smoke runs (f4: 64x64 -> 16x16 latents).
-    "tiny-kl": AutoencoderConfig(embed_dim=4, z_channels=4, resolution=64, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
-                                 scale_factor=1.0),
+    "tiny-kl": AutoencoderConfig(embed_dim=4, z_channels=4, resolution=64, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
     "tiny-vq": AutoencoderConfig(embed_dim=3, n_embed=64, double_z=False, z_channels=3, resolution=64, ch=32,
                                  ch_mult=(1, 2, 2), num_res_blocks=1),
 }
@@ -395,6 +394,7 @@ def infer_config(state_dict: dict[str, torch.Tensor], resolution: int = 256) -> 
         in_channels=sd["encoder.conv_in.weight"].shape[1], out_ch=sd["decoder.conv_out.weight"].shape[0], ch=ch,
         ch_mult=ch_mult, num_res_blocks=num_res_blocks, attn_resolutions=attn_res,
         attn_type="vanilla" if "encoder.mid.attn_1.q.weight" in sd else "none",
+        # Shapes cannot reveal the latent scale: the kl-f8 structure is SD's VAE (0.18215), LDM's others use 1.0.
         scale_factor=0.18215 if (not n_embed and embed_dim == 4 and ch_mult == (1, 2, 4, 4)) else 1.0)
 
 
@@ -424,7 +424,8 @@ def autoencoder_from_state_dict(state_dict: dict[str, torch.Tensor],
 
 
 # Diffusers names inside a resnet / attention block -> ours (old diffusers folders use query/key/value/proj_attn).
-_RESNET_LEAVES = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
+_RESNET_LEAVES = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
+                  "conv_shortcut": "nin_shortcut"}
 _ATTN_LEAVES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
                 "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
 
