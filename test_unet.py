@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from unet import (PRESETS, UNetConfig, UNetModel, config_from_diffusers, convert_diffusers, diffusers_prefixes,
-                  infer_config, timestep_embedding)
+from unet import (PRESETS, CrossAttention, UNetConfig, UNetModel, config_from_diffusers, convert_diffusers,
+                  diffusers_prefixes, infer_config, timestep_embedding)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PREFIX = "model.diffusion_model."
@@ -138,5 +138,32 @@ def test_gradient_checkpointing_same_output_and_grads():
 def test_tiny_preset_is_fast_and_shaped():
     model = UNetModel(PRESETS["tiny"]).eval()
     x = torch.randn(2, 4, 16, 16)
-    out = model(x, torch.tensor([1, 2]), torch.randn(2, 77, 32))
+    with torch.no_grad():
+        out = model(x, torch.tensor([1, 2]), torch.randn(2, 77, 32))
     assert out.shape == x.shape and isinstance(model.cfg, UNetConfig)
+
+
+def test_attention_scores_beyond_fp16_range_stay_finite():
+    attn = CrossAttention(64, 64, 1, 64)
+    with torch.no_grad():
+        attn.to_q.weight.copy_(torch.eye(64))
+        attn.to_k.weight.copy_(torch.eye(64))
+        g = torch.Generator().manual_seed(0)
+        x = (torch.randn(2, 64, 64, generator=g).sign() * 40 + torch.randn(2, 64, 64, generator=g)).half()
+        assert (x.float() @ x.float().transpose(1, 2)).abs().max() > 65504  # q.k overflows fp16 if formed there
+        ref = attn(x.float())
+        out = attn.half()(x).float()
+    assert out.isfinite().all()
+    assert (out - ref).abs().max() < 2e-3 * ref.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_forward_tracks_fp32(dtype):
+    model = randomize_(UNetModel(PRESETS["tiny"])).eval()
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        ref = model(x, torch.tensor([1, 999]), ctx)
+        out = model.to(dtype)(x.to(dtype), torch.tensor([1, 999]), ctx.to(dtype))
+    assert out.dtype == dtype and out.isfinite().all()
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()

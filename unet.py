@@ -5,7 +5,7 @@ Module names and nesting equal the `model.diffusion_model.` keys of the original
 context 1024), so a checkpoint loads with a strict `load_state_dict`. The diffusers `unet/` folder layout
 (UNet2DConditionModel) converts at the bottom of this file.
 
-    x: (B, in_channels, H, W) latents, timesteps: (B,) or scalar, context: (B, N, context_dim) -> (B, out_channels, H, W)
+    x (B, in_channels, H, W) latents, timesteps (B,) or scalar, context (B, N, context_dim) -> (B, out_channels, H, W)
 """
 from __future__ import annotations
 
@@ -136,8 +136,8 @@ class CrossAttention(nn.Module):
         # (B, N, heads * d) -> (B, heads, N, d)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        # The fused kernels accumulate q.k and the softmax in float32, so fp16 scores cannot overflow
-        # (the reason the original upcasts its einsum).
+        # SDPA scales inside and accumulates q.k and the softmax in float32 (GPU kernels and the CPU path), so fp16
+        # scores beyond 65504 do not overflow: the reason the original upcasts its einsum.
         out = F.scaled_dot_product_attention(q, k, v)
         return self.to_out(out.transpose(1, 2).flatten(2))  # (B, N, heads * d) -> (B, N, query_dim)
 
