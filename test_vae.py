@@ -137,6 +137,9 @@ def test_convert_diffusers_legacy_attention_names():
     assert "decoder.up.3.block.2.nin_shortcut.bias" in out
     assert "decoder.up.2.upsample.conv.weight" in out
     assert "encoder.down.1.downsample.conv.weight" in out
+    # A name with no counterpart keeps its leaf, so a strict load names it.
+    odd = vae.convert_diffusers({"encoder.down_blocks.0.resnets.0.time_emb_proj.weight": torch.zeros(1)})
+    assert list(odd) == ["encoder.down.0.block.0.time_emb_proj.weight"]
 
 
 # ----------------------------------------------------------------------------- maths

@@ -463,10 +463,11 @@ def convert_diffusers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Te
             out[key] = value
             continue
         leaf, _, param = key[len(prefix):].rpartition(".")
+        # An unknown leaf keeps its name so that the strict load reports it as unexpected.
         if ".resnets." in prefix:
-            leaf = _RESNET_LEAVES[leaf]
+            leaf = _RESNET_LEAVES.get(leaf, leaf)
         elif ".attentions." in prefix:
-            leaf = _ATTN_LEAVES[leaf]
+            leaf = _ATTN_LEAVES.get(leaf, leaf)
             if param == "weight" and value.ndim == 2:
                 value = value[:, :, None, None]  # Linear [C, C] -> conv [C, C, 1, 1]
         out[table[prefix] + (leaf + "." if leaf else "") + param] = value
@@ -490,7 +491,7 @@ def config_from_diffusers(config: dict) -> AutoencoderConfig:
         scale_factor=float(config.get("scaling_factor", 0.18215)))
 
 
-def load_autoencoder(path: str, *, device: torch.device | str | None = None,
+def load_autoencoder(path: str | os.PathLike, *, device: torch.device | str | None = None,
                      dtype: torch.dtype | None = None) -> AutoencoderKL | VQModel:
     """Load a standalone VAE file (.safetensors/.ckpt), an LDM first-stage checkpoint, or a diffusers `vae/` folder."""
     from ldm import read_checkpoint  # ldm imports this module; a top-level import would be circular
