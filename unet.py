@@ -10,7 +10,7 @@ context 1024), so a checkpoint loads with a strict `load_state_dict`. The diffus
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -229,7 +229,7 @@ class TimestepEmbedSequential(nn.Sequential):
 class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = replace(cfg)  # own copy: toggling use_checkpoint must not edit a shared preset
         mc, nrb, emb_dim = cfg.model_channels, cfg.num_res_blocks, 4 * cfg.model_channels
         last = len(cfg.channel_mult) - 1
 
