@@ -13,6 +13,7 @@ IGNORED (known and deliberately dropped) or an error.
     images = ldm.sample(model, ["a red apple"], seed=0)
 """
 
+import contextlib
 import json
 import math
 import mmap
@@ -264,14 +265,15 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 def make_schedule(timesteps: int = 1000, linear_start: float = 0.00085, linear_end: float = 0.012):
     """SD's 'scaled linear' betas: linear in sqrt space, computed in float64 (as the original), returned as
     the float64 betas. alphas_cumprod[0] ~ 0.99915, alphas_cumprod[999] ~ 0.0046601."""
-    return torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64) ** 2
+    # explicit device: the schedule is small and must stay real even while modules are built on the meta device
+    return torch.linspace(linear_start ** 0.5, linear_end ** 0.5, timesteps, dtype=torch.float64, device="cpu") ** 2
 
 
 def schedule_buffers(betas: torch.Tensor) -> dict[str, torch.Tensor]:
     """The 12 DDPM buffers SD checkpoints store at the top level (float32, from float64 arithmetic); written into
     exported files so they carry the same keys as the public ones."""
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-    prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
     posterior_variance = betas * (1.0 - prev) / (1.0 - alphas_cumprod)  # v_posterior = 0
     out = {
         "betas": betas, "alphas_cumprod": alphas_cumprod, "alphas_cumprod_prev": prev,
@@ -513,7 +515,7 @@ def build_model(preset: str | dict = "tiny", *, device=None, prediction_type: st
     vae_cfg = _part_config(vae_lib.AutoencoderConfig, vae_lib.PRESETS, cfg["vae"])
     text_cfg = _part_config(clip.TextConfig, clip.PRESETS, cfg["text"])
     pad_id = cfg.get("pad_id", 0 if text_cfg.layout == "openclip" else 49407)  # SD 2.x pads with 0, SD 1.x with EOT
-    with torch.device(device or "cpu"):
+    with torch.device(device) if device is not None else contextlib.nullcontext():  # honours an outer meta context
         model = LatentDiffusion(unet_lib.UNetModel(unet_cfg), vae_lib.build_autoencoder(vae_cfg),
                                 clip.build_text_encoder(text_cfg), clip.Tokenizer(pad_id=pad_id),
                                 scale_factor=cfg["scale_factor"],
@@ -548,11 +550,7 @@ def _load_strict(module: nn.Module, sd: dict[str, torch.Tensor], what: str):
     module.load_state_dict(sd, strict=True, assign=True)
 
 
-def _materialize_meta(module: nn.Module, device: torch.device):
-    """Buffers that are not in checkpoints (built on the meta device) are recomputed on `device`."""
-    for sub in module.modules():
-        if hasattr(sub, "reset_buffers"):
-            sub.reset_buffers(device)
+def _check_materialized(module: nn.Module):
     leftover = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
     if leftover:
         raise RuntimeError(f"internal error: tensors left on the meta device after loading: {leftover[:5]}")
@@ -605,8 +603,11 @@ def probe_prediction_type(model: LatentDiffusion) -> str:
     return "v" if (out.float() - x.float()).mean().item() < -1 else "eps"
 
 
-def _load_single_file(path: Path, device, prediction_type):
-    sd, metadata = read_checkpoint(path)
+def model_from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] = None, *, path="checkpoint",
+                          prediction_type: str = None) -> tuple[LatentDiffusion, dict]:
+    """Build on the meta device and assign a single-file state dict, part by part, strictly. Returns the model
+    (tensors are the state dict's own, no copies) and its config (prediction_type None: not yet decided)."""
+    metadata = metadata or {}
     if "ldm_config" in metadata:  # written by train.py: the config the weights cannot reveal
         cfg = json.loads(metadata["ldm_config"])
     else:
@@ -620,8 +621,10 @@ def _load_single_file(path: Path, device, prediction_type):
             {k[len(PREFIXES["unet"]):]: v for k, v in sd.items() if k.startswith(PREFIXES["unet"])}))
         if layout == "sd2":
             cfg["prediction_type"] = None  # decided below
+    if prediction_type:
+        cfg["prediction_type"] = prediction_type
     with torch.device("meta"):
-        model = build_model(cfg, prediction_type=prediction_type or cfg["prediction_type"] or "eps")
+        model = build_model(cfg, prediction_type=cfg["prediction_type"] or "eps")
     parts = split_checkpoint(sd, path)
     text_name = model.text_encoder.cfg.layout
     _load_strict(model.unet, parts["unet"], f"{path} (U-Net, {PREFIXES['unet']}*)")
@@ -633,7 +636,7 @@ def _load_single_file(path: Path, device, prediction_type):
     return model, cfg
 
 
-def _load_diffusers_folder(path: Path, device, prediction_type):
+def _load_diffusers_folder(path: Path, prediction_type):
     """A diffusers pipeline folder: unet/, vae/, text_encoder/, tokenizer/ (+ scheduler/ for the prediction type)."""
     def part(name: str):
         folder = path / name
@@ -682,21 +685,23 @@ def load_model(path: str | os.PathLike = None, *, device=None, dtype=None,
     if prediction_type not in (None, "eps", "v"):
         raise ValueError(f"prediction_type must be 'eps' or 'v', got {prediction_type!r}")
     if path.is_dir():
-        model, cfg = _load_diffusers_folder(path, device, prediction_type)
+        model, cfg = _load_diffusers_folder(path, prediction_type)
     elif path.exists():
-        model, cfg = _load_single_file(path, device, prediction_type)
+        sd, metadata = read_checkpoint(path)
+        model, cfg = model_from_state_dict(sd, metadata, path=path, prediction_type=prediction_type)
     else:
         raise CheckpointError(f"{path}: no such file or folder; pass the path of an SD checkpoint")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    _materialize_meta(model, torch.device("cpu"))
+    _check_materialized(model)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     model.to(device=device, dtype=dtype)
     model.alphas_cumprod = schedule_buffers(make_schedule())["alphas_cumprod"].to(device)  # float32 whatever dtype
     model.config = cfg
-    if prediction_type is None and cfg.get("prediction_type") is None:
+    if cfg.get("prediction_type") is None:
         model.prediction_type = probe_prediction_type(model)
         model.resolution = 768 if model.prediction_type == "v" else 512  # 2.x-768-v vs 2.x-base
+        cfg.update(prediction_type=model.prediction_type, resolution=model.resolution)
         print(f"{path.name}: SD 2.x checkpoint, prediction type probed as {model.prediction_type!r} "
               "(pass prediction_type='eps' or 'v' to override)")
     return model.eval().requires_grad_(False)

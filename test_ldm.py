@@ -193,3 +193,237 @@ def test_ddim_grid_matches_diffusers():
     assert ldm.ddim_timesteps(50)[:3] == [1, 21, 41]
     with pytest.raises(ValueError):
         ldm.ddim_timesteps(0)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# whole pipeline: DDIM + CFG against diffusers' StableDiffusionPipeline
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Deterministic weights (the oracle script uses the same): norms 1 + 0.1 N, biases 0.02 N, others
+    N / sqrt(fan_in)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.state_dict().items()):
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name and name.endswith("weight") or name.startswith(("ln_", "final_layer_norm")):
+                p.copy_(1.0 + 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.02 * noise)
+            else:
+                p.copy_(noise / max(p[0].numel(), 1) ** 0.5 if p.ndim else noise)
+    return model
+
+
+def _pipeline_golden():
+    sys.path.insert(0, str(FIXTURES))
+    import gen_ldm
+    return gen_ldm, torch.load(FIXTURES / "ldm_pipeline.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("run", ["eps", "eps_eta", "v", "nocfg"])
+def test_sampling_matches_diffusers_pipeline(run):
+    gen_ldm, golden = _pipeline_golden()
+    prediction_type, eta, steps, cfg = gen_ldm.RUNS[run]
+    model = randomize_(ldm.build_model("tiny", prediction_type=prediction_type))
+    images = ldm.sample(model, gen_ldm.PROMPTS, negative_prompts=gen_ldm.NEGATIVE, steps=steps, guidance_scale=cfg,
+                        eta=eta, seed=1234, output_type="tensor", progress=False)
+    ref = golden[run]
+    torch.testing.assert_close((images / 2 + 0.5).clamp(0, 1), ref, rtol=1e-4, atol=1e-4)
+    assert ref.std() > 0.05  # the reference image is not flat, so the comparison means something
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# loading: full-size layouts, strictness, round trips, diffusers folders
+
+
+def manifest_state_dict(*names: str) -> dict[str, torch.Tensor]:
+    """Meta tensors with the exact keys, shapes and dtypes of a public checkpoint."""
+    sd = {}
+    for name in names:
+        for key, (shape, dtype) in json.loads((FIXTURES / "manifests" / f"{name}.json").read_text()).items():
+            sd[key] = torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+    return sd
+
+
+@pytest.mark.parametrize("names,layout,text_prefix", [
+    (("sd15",), "sd1", "cond_stage_model.transformer.text_model."),
+    (("sd15", "sd15-nonpruned-extra"), "sd1", "cond_stage_model.transformer.text_model."),
+    (("sd21-768-v",), "sd2", "cond_stage_model.model."),
+])
+def test_full_size_checkpoints_load_strictly(names, layout, text_prefix):
+    sd = manifest_state_dict(*names)
+    assert ldm.detect_layout(sd, "x") == layout
+    model, cfg = ldm.model_from_state_dict(sd, {}, prediction_type="eps")
+    loaded = model.checkpoint_state_dict()
+    # every tensor of the file that is not knowingly dropped is now a model tensor (assigned, not copied)
+    kept = {k for k in sd if not ldm._is_ignored(k)}
+    assert kept == {k for k in loaded if k not in ldm.schedule_buffers(ldm.make_schedule())}
+    assert all(loaded[k].shape == sd[k].shape for k in kept)
+    dropped = set(sd) - kept
+    assert all(k.startswith("model_ema.") or k.endswith("position_ids") or k in ldm.IGNORED_KEYS for k in dropped)
+    assert model.text_encoder.cfg == __import__("clip").PRESETS[layout]
+    # exported files carry exactly the public keys (EMA copies aside)
+    assert set(loaded) == {k for k in manifest_state_dict(names[0]) if not k.endswith("position_ids")}
+
+
+def test_layout_mismatch_names_the_keys():
+    sd = manifest_state_dict("sd15")
+    sd["model.diffusion_model.extra.weight"] = torch.empty(3, device="meta")
+    del sd["first_stage_model.decoder.conv_out.bias"]
+    sd["model.diffusion_model.out.2.weight"] = torch.empty(4, 320, 3, 1, device="meta")
+    with pytest.raises(ldm.CheckpointError) as e:
+        ldm.model_from_state_dict(sd, {}, path="bad.ckpt")
+    msg = str(e.value)
+    assert "model.diffusion_model" in msg or "extra.weight" in msg
+    with pytest.raises(ldm.CheckpointError, match="unexpected: extra.weight"):
+        ldm.model_from_state_dict({k: v for k, v in sd.items() if "out.2" not in k or "diffusion" not in k}
+                                  | {"model.diffusion_model.out.2.weight": torch.empty(4, 320, 3, 3, device="meta")},
+                                  {}, path="bad.ckpt")
+    sd = manifest_state_dict("sd15")
+    del sd["first_stage_model.decoder.conv_out.bias"]
+    with pytest.raises(ldm.CheckpointError, match="missing: decoder.conv_out.bias"):
+        ldm.model_from_state_dict(sd, {}, path="bad.ckpt")
+    sd = manifest_state_dict("sd15")
+    sd["model.diffusion_model.out.2.weight"] = torch.empty(4, 320, 3, 1, device="meta")
+    with pytest.raises(ldm.CheckpointError, match=r"shape mismatch: out.2.weight \(4, 320, 3, 1\)"):
+        ldm.model_from_state_dict(sd, {}, path="bad.ckpt")
+    sd = manifest_state_dict("sd15")
+    sd["some_adapter.weight"] = torch.empty(3, device="meta")
+    with pytest.raises(ldm.CheckpointError, match="outside the known parts: some_adapter.weight"):
+        ldm.model_from_state_dict(sd, {}, path="bad.ckpt")
+
+
+def test_unknown_and_vae_only_files_are_clear_errors(tmp_path):
+    path = tmp_path / "lora.safetensors"
+    ldm.save_safetensors(path, {"lora_unet_down.alpha": torch.ones(1), "lora_te_x.weight": torch.ones(2)})
+    with pytest.raises(ldm.CheckpointError, match="unknown checkpoint layout.*lora_te_x, lora_unet_down"):
+        ldm.load_model(path)
+    sd = manifest_state_dict("sd-vae")
+    with pytest.raises(ldm.CheckpointError, match="autoencoder only; load it with vae.load_autoencoder"):
+        ldm.model_from_state_dict(sd, {}, path="vae.ckpt")
+    with pytest.raises(ldm.CheckpointError, match="no such file"):
+        ldm.load_model(tmp_path / "missing.safetensors")
+
+
+def tiny_model(prediction_type="eps"):
+    return randomize_(ldm.build_model("tiny", prediction_type=prediction_type))
+
+
+def sample_tensor(model, **kw):
+    return ldm.sample(model, ["a red apple", "a cat"], steps=4, seed=7, output_type="tensor", progress=False, **kw)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_export_load_round_trip(tmp_path, suffix):
+    model = tiny_model("v")
+    path = tmp_path / f"tiny{suffix}"
+    sd = model.checkpoint_state_dict()
+    if suffix == ".safetensors":
+        ldm.save_safetensors(path, sd, {"ldm_config": json.dumps(model.model_config())})
+    else:  # a Lightning-style pickle: config from the file's shapes cannot name the tiny sizes, so pass nothing
+        torch.save({"state_dict": sd, "global_step": 1}, path)
+    if suffix == ".ckpt":
+        with pytest.raises(ldm.CheckpointError, match="does not fit"):
+            ldm.load_model(path, device="cpu")  # read as an SD 1.x file: the tiny text encoder does not fit
+        return
+    loaded = ldm.load_model(path, device="cpu")
+    assert loaded.prediction_type == "v" and loaded.resolution == 64 and loaded.scale_factor == model.scale_factor
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    torch.testing.assert_close(sample_tensor(loaded), sample_tensor(model), rtol=0, atol=0)
+
+
+def test_diffusers_folder_loads_same_weights(tmp_path):
+    model = tiny_model()
+    layout = json.loads((FIXTURES / "ldm_diffusers_layout.json").read_text())
+    ckpt = model.checkpoint_state_dict()
+    folder = tmp_path / "pipe"
+    for part, config_key, fname in (("unet", "unet_config", "diffusion_pytorch_model.safetensors"),
+                                    ("vae", "vae_config", "diffusion_pytorch_model.safetensors"),
+                                    ("text_encoder", "text_config", "model.safetensors")):
+        (folder / part).mkdir(parents=True)
+        (folder / part / "config.json").write_text(json.dumps(layout[config_key]))
+        tensors = {}
+        for theirs, ours in layout[part].items():
+            t = ckpt[ours]
+            if part == "vae" and t.ndim == 4 and "attentions" in theirs:
+                t = t[:, :, 0, 0]  # diffusers keeps VAE attention as Linear
+            tensors[theirs] = t
+        ldm.save_safetensors(folder / part / fname, tensors)
+    (folder / "scheduler").mkdir()
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"prediction_type": "epsilon"}))
+    loaded = ldm.load_model(folder, device="cpu")
+    assert loaded.prediction_type == "eps" and loaded.resolution == 64
+    torch.testing.assert_close(sample_tensor(loaded), sample_tensor(model), rtol=0, atol=0)
+
+
+def test_prediction_type_probe(monkeypatch):
+    model = tiny_model()
+    monkeypatch.setattr(model.unet, "forward", lambda x, t, c: x)  # eps-model at t=999: returns its (noise) input
+    assert ldm.probe_prediction_type(model) == "eps"
+    monkeypatch.setattr(model.unet, "forward", lambda x, t, c: -2 * x)  # v ~ -x0: far below the input
+    assert ldm.probe_prediction_type(model) == "v"
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# maths identities
+
+
+def test_eps_v_x0_conversions_agree():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    for t in (1, 500, 999):
+        a = model.alphas_cumprod[t]
+        xt = model.add_noise(x0, eps, torch.tensor([t] * 3))
+        for kind in ("eps", "v"):
+            model.prediction_type = kind
+            target = model.training_target(x0, eps, torch.tensor([t] * 3))
+            eps_hat, x0_hat = ldm.predict_eps_x0(model, target, xt, a)
+            torch.testing.assert_close(eps_hat, eps, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(x0_hat, x0, rtol=1e-3, atol=1e-3)
+
+
+def test_batched_cfg_equals_two_passes():
+    model = tiny_model()
+    context, uncond = model.encode_prompt(["a cat"]), model.encode_prompt([""])
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    batched = ldm.ddim_sample(model, x, context, uncond, steps=3, guidance_scale=4.0, progress=False)
+    # by hand: two separate U-Net passes per step
+    xs = x.clone()
+    ts = list(reversed(ldm.ddim_timesteps(3)))
+    for i, t in enumerate(ts):
+        tt = torch.tensor([t])
+        e_u, e_c = model.unet(xs, tt, uncond), model.unet(xs, tt, context)
+        eps = e_u + 4.0 * (e_c - e_u)
+        a = model.alphas_cumprod[t]
+        a_prev = model.alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else model.alphas_cumprod[0]
+        x0 = (xs - (1 - a).sqrt() * eps) / a.sqrt()
+        xs = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+    torch.testing.assert_close(batched, xs, rtol=1e-4, atol=1e-4)
+
+
+def test_sample_input_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="multiples of 4"):
+        ldm.sample(model, ["x"], height=30, width=64, steps=2, progress=False)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        ldm.sample(model, ["x"], steps=2, sampler="euler", progress=False)
+    with pytest.raises(ValueError, match="negative prompts"):
+        ldm.sample(model, ["x", "y"], negative_prompts=["a", "b", "c"], steps=2, progress=False)
+
+
+def test_img2img_runs_strength_fraction_of_steps_and_keeps_the_image():
+    model = tiny_model()
+    init = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    calls = []
+    forward = model.unet.forward
+    model.unet.forward = lambda x, t, c: calls.append(int(t[0])) or forward(x, t, c)
+    low = ldm.sample(model, ["a"], steps=10, seed=1, init_image=init, strength=0.3, output_type="tensor",
+                     progress=False)
+    assert calls == [201, 101, 1]  # int(10 * 0.3) steps, from the matching point of the 10-step grid
+    calls.clear()
+    full = ldm.sample(model, ["a"], steps=10, seed=1, output_type="tensor", progress=False)
+    assert len(calls) == 10
+    recon = model.decode_latents(model.encode_images(init))
+    assert (low - recon).abs().mean() < (full - recon).abs().mean()
