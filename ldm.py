@@ -678,9 +678,8 @@ def load_model(path: str | os.PathLike = None, *, device=None, dtype=None,
     """Load an SD 1.x/2.x single file (.safetensors/.ckpt), a diffusers folder, or a file train.py exported.
     Weights are memory-mapped and assigned into modules built on the meta device: never two copies in memory.
     dtype defaults to float16 on CUDA and float32 elsewhere."""
-    if path is None:
-        raise CheckpointError("no checkpoint given; pass the path of an SD .safetensors/.ckpt file or a diffusers "
-                              "folder")
+    if path is None:  # the default weights, downloaded into cache_dir() on first use (DownloadError if that fails)
+        path = default_checkpoint()
     path = Path(path)
     if prediction_type not in (None, "eps", "v"):
         raise ValueError(f"prediction_type must be 'eps' or 'v', got {prediction_type!r}")
@@ -705,3 +704,174 @@ def load_model(path: str | os.PathLike = None, *, device=None, dtype=None,
         print(f"{path.name}: SD 2.x checkpoint, prediction type probed as {model.prediction_type!r} "
               "(pass prediction_type='eps' or 'v' to override)")
     return model.eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Default weights: SD 1.5 (fp16 single file), downloaded once into a cache folder with urllib only
+
+import hashlib  # noqa: E402  (kept beside the only code that uses them)
+import http.client  # noqa: E402
+import sys  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.request  # noqa: E402
+
+DEFAULT_MODEL_URL = ("https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+                     "v1-5-pruned-emaonly-fp16.safetensors")
+DEFAULT_MODEL_SHA256 = "e9476a13728cd75d8279f6ec8bad753a66a1957ca375a1464dc63b37db6e3916"  # ~2.1 GB
+
+
+class DownloadError(RuntimeError):
+    """The default weights could not be fetched or verified; the message says what failed."""
+
+
+def cache_dir() -> Path:
+    """$LDM_HOME, else the platform's user cache folder + /ldm (~/.cache/ldm on Linux)."""
+    if os.environ.get("LDM_HOME"):
+        return Path(os.environ["LDM_HOME"]).expanduser()
+    if os.name == "nt" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "ldm"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "ldm"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ldm"
+
+
+def _sha256_index() -> tuple[Path, dict]:
+    index_file = cache_dir() / "sha256.json"
+    try:
+        return index_file, json.loads(index_file.read_text())
+    except (OSError, ValueError):
+        return index_file, {}
+
+
+def _remember_sha256(path: Path, digest: str):
+    index_file, index = _sha256_index()
+    st = path.stat()
+    index[str(path.resolve())] = dict(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=digest)
+    try:  # a read-only cache only costs a re-hash next time
+        index_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index_file.with_name(f"{index_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(index, indent=1))
+        os.replace(tmp, index_file)
+    except OSError:
+        pass
+
+
+def _hash_file(path: Path, progress: bool = False) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024,
+                                     desc=f"sha256 {path.name}", disable=not progress, leave=False) as bar:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            bar.update(len(chunk))
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike, progress: bool = False) -> str:
+    """sha256 hex of a file, remembered in cache_dir()/sha256.json by (absolute path, size, mtime): hashing 2 GB
+    takes seconds, so it is done once per file version."""
+    path = Path(path)
+    st = path.stat()
+    entry = _sha256_index()[1].get(str(path.resolve()))
+    if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        return entry["sha256"]
+    digest = _hash_file(path, progress)
+    _remember_sha256(path, digest)
+    return digest
+
+
+def _fetch_into(url: str, part: Path, progress: bool, timeout: float) -> int | None:
+    """Append the missing bytes of `url` to `part` (HTTP Range from its current size). Returns the full size
+    the server announced (None if it did not). A server that ignores Range answers 200: start again from zero."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "ldm"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or not offset:
+            raise
+        total = e.headers.get("Content-Range", "").rpartition("/")[2]  # "bytes */SIZE": the part is complete
+        return int(total) if total.isdigit() else offset
+    with response:
+        if response.status == 206:
+            start = response.headers.get("Content-Range", "").removeprefix("bytes ").partition("-")[0]
+            if start != str(offset):
+                raise DownloadError(f"{url}: server resumed at byte {start}, asked for {offset}")
+            total = response.headers.get("Content-Range", "").rpartition("/")[2]
+            total = int(total) if total.isdigit() else None
+        else:  # 200: the whole file, whatever was asked
+            offset = 0
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+        with open(part, "ab" if offset else "wb") as f, tqdm(
+                total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=part.name[:-5],
+                disable=not progress) as bar:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+    return total
+
+
+def _verify(path: Path, size: int | None, sha256: str | None):
+    """Size as announced, a readable checkpoint header, and the pinned sha256 if there is one."""
+    actual = path.stat().st_size
+    if size is not None and actual != size:
+        raise DownloadError(f"incomplete download ({actual} of {size} bytes)")
+    try:
+        read_checkpoint(path)  # parses the header (and checks every tensor lies inside the file); data stays mapped
+    except CheckpointError as e:
+        raise DownloadError(f"downloaded file is not a valid checkpoint ({e})") from None
+    if sha256:
+        digest = _hash_file(path)
+        if digest != sha256.lower():
+            raise DownloadError(f"sha256 mismatch: got {digest}, expected {sha256.lower()}")
+
+
+def download(url: str, dest: str | os.PathLike, *, sha256: str = None, progress: bool = True, attempts: int = 3,
+             timeout: float = 30.0) -> Path:
+    """Download `url` to `dest` through `dest.part`, resuming the part file after an interruption (here, on the
+    next of `attempts`, or on the next call). The part is renamed to `dest` only once verified; a file that fails
+    verification is deleted. Errors are DownloadError with a one-line message."""
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DownloadError(f"cannot create {dest.parent}: {e.strerror or e}") from None
+    for attempt in range(1, attempts + 1):
+        try:
+            size = _fetch_into(url, part, progress, timeout)
+            if size is None or part.stat().st_size >= size:
+                break
+        except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, cut connections
+            reason = e.reason if type(e) is urllib.error.URLError else e  # e.g. "[Errno 111] Connection refused"
+            if attempt == attempts:
+                got = part.stat().st_size if part.exists() else 0
+                raise DownloadError(f"download of {url} failed: {reason or type(e).__name__}"
+                                    + (f"; {got} bytes kept in {part}, run again to resume" if got else "")) from None
+    else:
+        raise DownloadError(f"download of {url} stopped early ({part.stat().st_size} of {size} bytes kept in "
+                            f"{part}); run again to resume")
+    try:
+        _verify(part, size, sha256)
+    except DownloadError as e:
+        part.unlink(missing_ok=True)
+        raise DownloadError(f"{url}: {e}; the partial file was deleted, run again to re-download") from None
+    os.replace(part, dest)
+    if sha256:  # already hashed while verifying: Model hash lookups need not read the file again
+        _remember_sha256(dest, sha256.lower())
+    return dest
+
+
+def default_checkpoint(progress: bool = True) -> Path:
+    """The default weights' path in cache_dir(), downloaded on first use. $LDM_MODEL_URL replaces the source
+    (mirrors, tests); such a URL is pinned only by $LDM_MODEL_SHA256."""
+    url = os.environ.get("LDM_MODEL_URL") or DEFAULT_MODEL_URL
+    sha256 = os.environ.get("LDM_MODEL_SHA256") or (DEFAULT_MODEL_SHA256 if url == DEFAULT_MODEL_URL else None)
+    name = url.split("?")[0].rstrip("/").rpartition("/")[2] or "model.safetensors"
+    dest = cache_dir() / name
+    if not dest.exists():
+        print(f"downloading the default weights from {url} into {dest.parent}", file=sys.stderr)
+        download(url, dest, sha256=sha256, progress=progress)
+    return dest

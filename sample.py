@@ -1,0 +1,388 @@
+"""Text-to-image (and image-to-image) from the command line:
+
+    python sample.py "a photograph of an astronaut riding a horse"
+
+Each PNG carries its generation settings in a `parameters` text chunk, in the format of the AUTOMATIC1111 web UI,
+so `python sample.py --replay outputs/00000.png` regenerates it and checks the pixels. Without --ckpt the SD 1.5
+weights are downloaded once into $LDM_HOME (default: the user cache folder, e.g. ~/.cache/ldm).
+"""
+
+import argparse
+import itertools
+import json
+import math
+import random
+import re
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+import ldm
+import vae as vae_lib
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SAMPLER_NAMES = {"ddim": "DDIM"}  # our name -> the name in the parameters text
+
+
+class CliError(Exception):
+    """A problem with what the user asked for: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Generate images with a Stable Diffusion checkpoint.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("prompt", nargs="?", help="what to draw (optional with --prompts-file or --replay)")
+    p.add_argument("--negative", default="", help="negative prompt: what to steer away from")
+    p.add_argument("--prompts-file", type=Path, help="UTF-8 text file, one prompt per line (blank lines skipped)")
+    p.add_argument("--ckpt", type=Path, help="SD 1.x/2.x .safetensors/.ckpt, diffusers folder or train.py export "
+                   "(default: SD 1.5 fp16, downloaded on first use)")
+    p.add_argument("--vae", type=Path, help="standalone VAE to use instead of the checkpoint's (e.g. vae-ft-mse)")
+    p.add_argument("--prediction", choices=["eps", "v"], help="U-Net prediction type (default: from the file; "
+                   "SD 2.x is probed)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps")
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (1 turns it off)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic, 1 is DDPM-like")
+    p.add_argument("--sampler", choices=sorted(SAMPLER_NAMES), default="ddim", help="sampler")
+    p.add_argument("--seed", type=int, help="seed of the first image, image i uses seed + i (default: random)")
+    p.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's resolution)")
+    p.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's resolution)")
+    p.add_argument("--n", type=int, default=1, help="images per prompt (more than one also writes a grid)")
+    p.add_argument("--batch-size", type=int, default=1, help="images denoised together: faster on a GPU, more "
+                   "memory (batched float maths may change a pixel by 1 against --replay)")
+    p.add_argument("--init-image", type=Path, help="img2img: start from this image (resized to the output size)")
+    p.add_argument("--strength", type=float, default=0.75, help="img2img: fraction of the steps to run (1 ignores "
+                   "the init image)")
+    p.add_argument("--out", type=Path, default=Path("outputs"), help="folder for numbered PNGs, or a .png path "
+                   "(existing files are never overwritten)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run")
+    p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="weights' precision "
+                   "(auto: fp16 on CUDA, fp32 elsewhere)")
+    p.add_argument("--replay", type=Path, help="regenerate this PNG from its parameters and compare pixels "
+                   "(exit 0 when identical, 1 when not)")
+    return p
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Generation settings <-> the A1111 `parameters` text
+
+
+@dataclass
+class Job:
+    """One image: everything that decides its pixels besides the weights and the init image."""
+    prompt: str
+    negative: str
+    seed: int
+    steps: int
+    cfg: float
+    eta: float
+    width: int
+    height: int
+    strength: float = None  # img2img only
+    sampler: str = "ddim"
+
+
+def _quote(value) -> str:
+    text = str(value)
+    return json.dumps(text) if any(c in text for c in ',:"\n') else text  # as A1111 quotes such values
+
+
+def format_parameters(job: Job, model_info: dict) -> str:
+    """'prompt\\nNegative prompt: ...\\nSteps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 1, Size: 512x512, ...'"""
+    fields = {"Steps": job.steps, "Sampler": SAMPLER_NAMES[job.sampler], "CFG scale": job.cfg, "Seed": job.seed,
+              "Size": f"{job.width}x{job.height}", **model_info, "Eta": job.eta, "Denoising strength": job.strength}
+    lines = [job.prompt] + ([f"Negative prompt: {job.negative}"] if job.negative else [])
+    return "\n".join(lines + [", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)])
+
+
+PARAM_RE = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_parameters(text: str) -> tuple[Job, dict]:
+    """The inverse of format_parameters: (Job, all 'Key: value' fields as strings)."""
+    *head, last = text.strip("\n").split("\n")
+    fields = {k: json.loads(v) if v.startswith('"') else v.strip() for k, v in PARAM_RE.findall(last)}
+    at = next((i for i, line in enumerate(head) if line.startswith("Negative prompt:")), len(head))
+    negative = "\n".join(head[at:])[len("Negative prompt:"):].strip()
+    sampler = {v: k for k, v in SAMPLER_NAMES.items()}.get(fields.get("Sampler"))
+    try:
+        width, height = (int(v) for v in fields["Size"].split("x"))
+        job = Job("\n".join(head[:at]), negative, int(fields["Seed"]), int(fields["Steps"]),
+                  float(fields["CFG scale"]), float(fields.get("Eta", 0.0)), width, height,
+                  float(fields["Denoising strength"]) if "Denoising strength" in fields else None, sampler)
+    except (KeyError, ValueError) as e:
+        raise CliError(f"unreadable generation parameters ({type(e).__name__}: {e}) in: {last!r}") from None
+    if sampler is None:
+        raise CliError(f"sampler {fields.get('Sampler')!r} is not available; available: "
+                       + ", ".join(SAMPLER_NAMES.values()))
+    return job, fields
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Files: prompts, init image, PNG output
+
+
+def read_prompts(args) -> list[str]:
+    prompts = [args.prompt] if args.prompt else []
+    if args.prompts_file:
+        try:
+            lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CliError(f"cannot read --prompts-file {args.prompts_file}: {getattr(e, 'strerror', None) or e}")
+        prompts += [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise CliError(f"--prompts-file {args.prompts_file}: no prompts in it (one prompt per line)")
+    if not prompts:
+        raise CliError("no prompt: give one, or --prompts-file FILE, or --replay IMAGE")
+    return prompts
+
+
+def read_image(path: Path, what: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise CliError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def image_tensor(im: Image.Image, width: int, height: int) -> torch.Tensor:
+    """PIL image -> [1, 3, H, W] in [-1, 1], resized to the output size."""
+    arr = np.asarray(im.convert("RGB").resize((width, height), Image.LANCZOS), dtype=np.float32)
+    return torch.from_numpy(arr / 127.5 - 1).permute(2, 0, 1)[None]
+
+
+def _candidates(out: Path, grid: bool):
+    """Paths to try, in order: the explicit file, then file-1, file-2, ...; or in a folder the next free number."""
+    if out.suffix and not out.is_dir():
+        stem = out.stem + ("-grid" if grid else "")
+        yield out.with_name(stem + out.suffix)
+        yield from (out.with_name(f"{stem}-{i}{out.suffix}") for i in itertools.count(1))
+    else:
+        prefix = "grid-" if grid else ""
+        used = [int(m[1]) for f in out.iterdir() if (m := re.fullmatch(rf"{prefix}(\d+)\.png", f.name))]
+        yield from (out / f"{prefix}{i:05d}.png" for i in itertools.count(max(used, default=-1) + 1))
+
+
+def save_png(image: Image.Image, out: Path, parameters: str, grid: bool = False) -> Path:
+    """Write a PNG with a `parameters` text chunk; never replaces a file (exclusive create, next free name)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    (out.parent if out.suffix and not out.is_dir() else out).mkdir(parents=True, exist_ok=True)
+    for path in _candidates(out, grid):
+        try:
+            with open(path, "xb") as f:
+                image.save(f, format="PNG", pnginfo=info)
+            return path
+        except FileExistsError:
+            continue
+
+
+def make_grid(images: list[Image.Image], cols: int) -> Image.Image:
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Model and sampling
+
+
+def load(args) -> tuple[ldm.LatentDiffusion, dict]:
+    """The model on the chosen device/dtype (+ the --vae swap) and its fields for the parameters text."""
+    if args.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available() or (
+            args.device == "mps" and not torch.backends.mps.is_available()):
+        raise CliError(f"--device {args.device}: not available on this machine (use --device cpu)")
+    else:
+        device = args.device
+    dtype = DTYPES.get(args.dtype, torch.float16 if device == "cuda" else torch.float32)
+    try:
+        path = args.ckpt or ldm.default_checkpoint()
+    except ldm.DownloadError as e:
+        raise CliError(f"{e}; to use a checkpoint you already have, pass --ckpt PATH") from None
+    model = ldm.load_model(path, device=device, dtype=dtype, prediction_type=args.prediction)
+    info = {"Model hash": ldm.file_sha256(path, progress=path.is_file() and path.stat().st_size > 1 << 28)[:10]
+                          if path.is_file() else None,
+            "Model": path.stem if path.is_file() else path.name}
+    if args.vae:
+        try:
+            vae = vae_lib.load_autoencoder(args.vae, device=device, dtype=dtype)
+        except (OSError, ValueError) as e:  # CheckpointError is a ValueError
+            raise CliError(f"--vae {args.vae}: {e}") from None
+        own, new = model.vae.state_dict(), vae.state_dict()
+        if own.keys() != new.keys() or any(own[k].shape != new[k].shape for k in own):
+            raise CliError(f"--vae {args.vae}: its keys or shapes do not fit this model's autoencoder")
+        model.vae = vae.eval().requires_grad_(False)
+        info.update({"VAE hash": ldm.file_sha256(args.vae)[:10] if args.vae.is_file() else None, "VAE": args.vae.stem})
+    return model, info
+
+
+def check_size(model: ldm.LatentDiffusion, width: int, height: int) -> tuple[int, int]:
+    width, height, f = width or model.resolution, height or model.resolution, model.downsample_factor
+    if width <= 0 or height <= 0 or width % f or height % f:
+        raise CliError(f"size {width}x{height}: width and height must be positive multiples of {f} (the VAE's "
+                       "downsampling factor)")
+    return width, height
+
+
+def decode(model: ldm.LatentDiffusion, x: torch.Tensor) -> torch.Tensor:
+    """Latents -> images in [-1, 1], never NaN: a float16 VAE that overflows is switched to float32 and retried."""
+    if not torch.isfinite(x).all():
+        raise CliError(f"the U-Net produced NaN/inf latents in {model.dtype}; try --dtype fp32 or bf16")
+    images = model.decode_latents(x)
+    if not torch.isfinite(images).all() and next(model.vae.parameters()).dtype != torch.float32:
+        print("warning: the VAE overflowed in half precision (NaN/inf pixels); decoding again with the VAE in "
+              "float32, kept for the rest of this run", file=sys.stderr)
+        model.vae.float()
+        images = model.decode_latents(x)
+    if not torch.isfinite(images).all():
+        raise CliError("the VAE decoded NaN/inf pixels even in float32; no image written")
+    return images
+
+
+@torch.no_grad()
+def generate(model: ldm.LatentDiffusion, jobs: list[Job], init: torch.Tensor = None,
+             progress: bool = True) -> list[Image.Image]:
+    """Images for jobs that share all settings but prompt and seed. Each image's noise comes from its own
+    Generator("cpu").manual_seed(seed), drawn as ldm.sample draws it, so a job gives the image that
+    ldm.sample(model, [prompt], seed=seed, ...) gives, whatever batch it is in."""
+    job, f = jobs[0], model.downsample_factor
+    shape = (1, model.latent_channels, job.height // f, job.width // f)
+    generators = [torch.Generator("cpu").manual_seed(j.seed) for j in jobs]
+    latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+    context = model.encode_prompt([j.prompt for j in jobs])
+    uncond = model.encode_prompt([j.negative for j in jobs]) if job.cfg != 1.0 else None
+    start_step = 0
+    if init is not None:  # img2img: noise the init image's latent to the point `strength` into the schedule
+        z0 = model.encode_images(init.to(model.device)).float().cpu().expand(latents.shape)
+        start_step = job.steps - min(int(job.steps * job.strength), job.steps)
+        t = ldm.ddim_timesteps(job.steps, len(model.alphas_cumprod))[job.steps - 1 - start_step]
+        latents = model.add_noise(z0, latents, torch.tensor([t])) if start_step < job.steps else z0
+    # eta > 0 draws fresh noise every step from one generator: main() then runs one image per batch
+    x = ldm.ddim_sample(model, latents.to(model.device, model.dtype), context, uncond, steps=job.steps,
+                        guidance_scale=job.cfg, eta=job.eta, generator=generators[0], start_step=start_step,
+                        progress=progress)
+    return ldm.to_pil(decode(model, x))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The two commands: generate, replay
+
+
+def check_args(args):
+    for name, low in (("steps", 1), ("n", 1), ("batch_size", 1)):
+        if getattr(args, name) < low:
+            raise CliError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    if args.steps > 1000:
+        raise CliError(f"--steps must be at most 1000 (the training schedule's length), got {args.steps}")
+    if args.eta < 0:
+        raise CliError(f"--eta must be >= 0, got {args.eta}")
+    if args.init_image and not 0.0 < args.strength <= 1.0:
+        raise CliError(f"--strength must be in (0, 1], got {args.strength}")
+    if args.out.suffix and not args.out.is_dir() and args.out.suffix.lower() != ".png":
+        raise CliError(f"--out {args.out}: give a folder or a .png file (the parameters live in a PNG text chunk)")
+
+
+def run_generate(args) -> int:
+    check_args(args)
+    prompts = read_prompts(args)
+    init_pil = read_image(args.init_image, "--init-image") if args.init_image else None
+    model, info = load(args)
+    width, height = check_size(model, args.width, args.height)
+    init = image_tensor(init_pil, width, height) if init_pil else None
+    seed = args.seed if args.seed is not None else random.randrange(2 ** 32)
+    print(f"seed {seed}" + (f" (images use {seed}..{seed + args.n - 1})" if args.n > 1 else ""), file=sys.stderr)
+    jobs = [Job(p, args.negative, seed + i, args.steps, args.cfg, args.eta, width, height,
+                args.strength if init is not None else None, args.sampler) for p in prompts for i in range(args.n)]
+    batch = 1 if args.eta > 0 else args.batch_size  # per-step eta noise is drawn per batch, not per image
+    stop = []
+
+    def on_sigint(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signum)
+        print("\nstopping after the current image (Ctrl-C again to stop now)", file=sys.stderr)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
+    written = []
+    try:
+        for i in range(0, len(jobs), batch):
+            if stop:
+                break
+            chunk = jobs[i:i + batch]
+            for job, image in zip(chunk, generate(model, chunk, init)):
+                print(save_png(image, args.out, format_parameters(job, info)), flush=True)
+                written.append(image)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+    if len(written) > 1:
+        cols = args.n if len(prompts) > 1 else math.ceil(math.sqrt(len(written)))
+        print(save_png(make_grid(written, cols), args.out, format_parameters(jobs[0], info), grid=True))
+    if stop:
+        print(f"interrupted: kept the {len(written)} image(s) written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def run_replay(args) -> int:
+    image = read_image(args.replay, "--replay image")
+    text = getattr(image, "text", {}).get("parameters")
+    if not text:
+        raise CliError(f"{args.replay}: no 'parameters' text chunk (not written by this script or the A1111 UI)")
+    job, fields = parse_parameters(text)
+    if job.strength is not None and not args.init_image:
+        raise CliError(f"{args.replay} was made with img2img (Denoising strength {job.strength}); pass the same "
+                       "--init-image")
+    init_pil = read_image(args.init_image, "--init-image") if job.strength is not None else None
+    model, info = load(args)
+    check_size(model, job.width, job.height)
+    for key in ("Model hash", "VAE hash"):
+        if fields.get(key) != info.get(key):
+            print(f"warning: {key} {info.get(key)} differs from the image's {fields.get(key)}; pass the --ckpt/--vae "
+                  "it was made with", file=sys.stderr)
+    init = image_tensor(init_pil, job.width, job.height) if init_pil else None
+    old = np.asarray(image.convert("RGB"), dtype=np.int16)
+    new = np.asarray(generate(model, [job], init)[0], dtype=np.int16)
+    if old.shape != new.shape:
+        print(f"mismatch: the image is {old.shape[1]}x{old.shape[0]}, its parameters say {job.width}x{job.height}")
+        return 1
+    diff = np.abs(old - new)
+    if diff.max() == 0:
+        print(f"match: identical pixels (seed {job.seed}, max pixel difference 0)")
+        return 0
+    changed, total = int((diff.max(-1) > 0).sum()), diff.shape[0] * diff.shape[1]
+    print(f"mismatch: max pixel difference {diff.max()}, {changed} of {total} pixels differ")
+    return 1
+
+
+def main(argv: list[str] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_replay(args) if args.replay else run_generate(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (CliError, ldm.CheckpointError) as e:
+        message = str(e)
+    except RuntimeError as e:
+        if "out of memory" not in str(e).lower():
+            raise
+        message = (f"out of {args.device if args.device != 'auto' else 'GPU'} memory; try --dtype fp16, a smaller "
+                   "--width/--height, or --batch-size 1")
+    print("error: " + " ".join(message.split()), file=sys.stderr)  # always one line
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,411 @@
+"""Tests for sample.py (the text-to-image CLI) and ldm.py's default-weights download. CPU, a tiny random model
+written by the test; the download runs against a local HTTP server with Range support on 127.0.0.1."""
+
+import hashlib
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, PngImagePlugin
+
+import ldm
+import sample
+import vae as vae_lib
+from test_ldm import randomize_
+
+ROOT = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    model = randomize_(ldm.build_model("tiny"))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    ldm.save_safetensors(path, model.checkpoint_state_dict(), {"ldm_config": json.dumps(model.model_config())})
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from threads, and a busy test machine makes them much slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def ldm_home(tmp_path, monkeypatch):
+    """Keep the hash cache and any download inside the test's folder."""
+    monkeypatch.setenv("LDM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LDM_MODEL_URL", raising=False)
+    monkeypatch.delenv("LDM_MODEL_SHA256", raising=False)
+    return tmp_path / "home"
+
+
+def cli(*args, cwd, env=None):
+    """Run sample.py in a fresh interpreter (one thread: the test machine may be busy)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    """Run sample.main in this process (faster than a subprocess for the many small cases)."""
+    rc = sample.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def parameters(path) -> str:
+    with Image.open(path) as im:
+        return im.text["parameters"]
+
+
+def error_line(err: str) -> str:
+    """The one line an error prints: no traceback (progress bars end in '\\r' and are dropped)."""
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.startswith(("error", "Traceback"))]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+FAST = ("--steps", 3)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# generation, metadata, replay
+
+
+def test_generate_then_replay_matches(tmp_path, ckpt, ldm_home):
+    r = cli("a red apple", "--negative", "blurry, dark", "--ckpt", ckpt, "--seed", 3, *FAST, cwd=tmp_path,
+            env={"LDM_HOME": str(ldm_home)})
+    assert r.returncode == 0, r.stderr
+    path = tmp_path / r.stdout.strip()
+    assert path == tmp_path / "outputs" / "00000.png" and Image.open(path).size == (64, 64)
+    text = parameters(path)
+    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert text == ("a red apple\nNegative prompt: blurry, dark\nSteps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 3, "
+                    f"Size: 64x64, Model hash: {sha[:10]}, Model: tiny, Eta: 0.0")
+    assert "seed 3" in r.stderr and "sampling" in r.stderr  # the seed and a progress bar
+    assert json.loads((ldm_home / "sha256.json").read_text())[str(ckpt.resolve())]["sha256"] == sha  # hash cached
+
+    r = cli("--replay", path, "--ckpt", ckpt, cwd=tmp_path, env={"LDM_HOME": str(ldm_home)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("match: identical pixels") and "warning" not in r.stderr
+
+
+def test_replay_reports_a_changed_pixel(tmp_path, ckpt, capsys):
+    rc, out, _ = run_main(capsys, "x", "--ckpt", ckpt, "--seed", 1, "--cfg", 1, *FAST, "--out", tmp_path)
+    path = Path(out.strip())
+    with Image.open(path) as im:
+        arr, text = np.array(im), im.text["parameters"]
+    arr[5, 7, 1] = (int(arr[5, 7, 1]) + 9) % 256
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    Image.fromarray(arr).save(tmp_path / "edited.png", pnginfo=info)
+    rc, out, _ = run_main(capsys, "--replay", tmp_path / "edited.png", "--ckpt", ckpt)
+    assert rc == 1 and out.startswith("mismatch: max pixel difference") and "1 of 4096 pixels" in out
+
+
+def test_parameters_round_trip_with_quoted_values():
+    job = sample.Job("a cat, sitting\non a mat", "dog: no", 42, 20, 6.5, 0.5, 96, 64, strength=0.3)
+    info = {"Model hash": "0123456789", "Model": 'my "model", v2', "VAE hash": None, "VAE": None}
+    text = sample.format_parameters(job, info)
+    assert text.endswith('Model: "my \\"model\\", v2", Eta: 0.5, Denoising strength: 0.3')
+    parsed, fields = sample.parse_parameters(text)
+    assert parsed == job and fields["Model"] == 'my "model", v2' and "VAE" not in fields
+
+
+def test_n_images_use_consecutive_seeds_and_write_a_grid(tmp_path, ckpt, capsys):
+    rc, out, _ = run_main(capsys, "a", "--ckpt", ckpt, "--seed", 10, "--n", 2, "--batch-size", 2, *FAST,
+                          "--out", tmp_path)
+    paths = [Path(p) for p in out.split()]
+    assert rc == 0 and [p.name for p in paths] == ["00000.png", "00001.png", "grid-00000.png"]
+    assert ["Seed: 10," in parameters(paths[0]), "Seed: 11," in parameters(paths[1])] == [True, True]
+    assert Image.open(paths[2]).size == (128, 64)
+    # the second image of a batch is (to the pixel rounding of batched maths) the image its seed gives alone
+    rc, out, _ = run_main(capsys, "a", "--ckpt", ckpt, "--seed", 11, *FAST, "--out", tmp_path / "alone.png")
+    alone = np.asarray(Image.open(out.strip()), dtype=int)
+    assert np.abs(alone - np.asarray(Image.open(paths[1]), dtype=int)).max() <= 1
+
+
+def test_prompts_file_runs_each_prompt(tmp_path, ckpt, capsys):
+    (tmp_path / "prompts.txt").write_text("a red apple\n\na blue car\n", encoding="utf-8")
+    rc, out, _ = run_main(capsys, "--prompts-file", tmp_path / "prompts.txt", "--ckpt", ckpt, "--seed", 0,
+                          "--steps", 2, "--out", tmp_path / "o")
+    paths = out.split()
+    assert rc == 0 and len(paths) == 3 and paths[2].endswith("grid-00000.png")
+    assert [parameters(p).split("\n")[0] for p in paths[:2]] == ["a red apple", "a blue car"]
+
+
+def test_existing_files_are_never_overwritten(tmp_path, ckpt, capsys):
+    (tmp_path / "00000.png").write_bytes(b"keep")
+    (tmp_path / "00007.png").write_bytes(b"keep")
+    (tmp_path / "mine.png").write_bytes(b"keep")
+    rc, out, _ = run_main(capsys, "a", "--ckpt", ckpt, "--seed", 0, "--steps", 1, "--out", tmp_path)
+    assert rc == 0 and Path(out.strip()) == tmp_path / "00008.png"
+    rc, out, _ = run_main(capsys, "a", "--ckpt", ckpt, "--seed", 0, "--steps", 1, "--out", tmp_path / "mine.png")
+    assert rc == 0 and Path(out.strip()) == tmp_path / "mine-1.png"
+    assert all((tmp_path / n).read_bytes() == b"keep" for n in ("00000.png", "00007.png", "mine.png"))
+
+
+def test_img2img_records_strength_and_replays(tmp_path, ckpt, capsys):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "init.png")
+    rc, out, _ = run_main(capsys, "a", "--ckpt", ckpt, "--init-image", tmp_path / "init.png", "--strength", 0.5,
+                          "--seed", 2, "--steps", 4, "--out", tmp_path)
+    path = Path(out.strip())
+    assert rc == 0 and Image.open(path).size == (64, 64)  # resized to the model's size
+    assert parameters(path).endswith("Eta: 0.0, Denoising strength: 0.5")
+    rc, out, _ = run_main(capsys, "--replay", path, "--ckpt", ckpt, "--init-image", tmp_path / "init.png")
+    assert rc == 0 and out.startswith("match")
+    rc, _, err = run_main(capsys, "--replay", path, "--ckpt", ckpt)
+    assert rc == 2 and "pass the same --init-image" in error_line(err)
+
+
+def test_vae_swap_changes_the_image_and_is_recorded(tmp_path, ckpt, capsys):
+    vae = randomize_(ldm.build_model("tiny").vae, seed=1)
+    ldm.save_safetensors(tmp_path / "other-vae.safetensors", vae.state_dict())
+    common = ("a", "--ckpt", ckpt, "--seed", 0, "--steps", 2, "--out", tmp_path)
+    rc, out, _ = run_main(capsys, *common)
+    rc2, out2, _ = run_main(capsys, *common, "--vae", tmp_path / "other-vae.safetensors")
+    assert rc == rc2 == 0 and "VAE: other-vae" in parameters(out2.strip())
+    assert not np.array_equal(np.asarray(Image.open(out.strip())), np.asarray(Image.open(out2.strip())))
+    rc, out, err = run_main(capsys, "--replay", out2.strip(), "--ckpt", ckpt)  # forgot --vae: warned, mismatch
+    assert rc == 1 and "VAE hash" in err
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# errors: one line on stderr, exit code 2
+
+
+def test_missing_checkpoint_is_one_line_error(tmp_path):
+    r = cli("a", "--ckpt", tmp_path / "nope.safetensors", cwd=tmp_path)
+    assert r.returncode == 2 and "no such file" in error_line(r.stderr)
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_failed_download_says_to_pass_ckpt(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = cli("a", cwd=tmp_path, env={"LDM_HOME": str(tmp_path / "home"),
+                                    "LDM_MODEL_URL": f"http://127.0.0.1:{port}/m.safetensors"})
+    line = error_line(r.stderr)
+    assert r.returncode == 2 and "download of http://127.0.0.1" in line and "refused" in line.lower()
+    assert "pass --ckpt PATH" in line
+
+
+@pytest.mark.parametrize("case", ["corrupt_ckpt", "unknown_layout", "size", "init_image", "prompts_file",
+                                  "no_prompt", "strength", "bad_vae"])
+def test_bad_inputs_are_one_line_errors(tmp_path, ckpt, capsys, case):
+    args = ["a", "--ckpt", ckpt, "--steps", 1, "--out", tmp_path / "out"]
+    expect = {"corrupt_ckpt": "corrupt safetensors header", "unknown_layout": "unknown checkpoint layout",
+              "size": "size 64x30: width and height must be positive multiples of 4",
+              "init_image": "cannot read --init-image", "prompts_file": "cannot read --prompts-file",
+              "no_prompt": "no prompt", "strength": "--strength must be in (0, 1]",
+              "bad_vae": "do not fit this model"}[case]
+    if case == "corrupt_ckpt":
+        (tmp_path / "bad.safetensors").write_bytes(ckpt.read_bytes()[:5000])
+        args[2] = tmp_path / "bad.safetensors"
+    elif case == "unknown_layout":
+        ldm.save_safetensors(tmp_path / "lora.safetensors", {"lora_unet_x.alpha": torch.ones(1)})
+        args[2] = tmp_path / "lora.safetensors"
+    elif case == "size":
+        args += ["--height", 30]
+    elif case == "init_image":
+        (tmp_path / "init.png").write_bytes(b"not an image")
+        args += ["--init-image", tmp_path / "init.png"]
+    elif case == "prompts_file":
+        (tmp_path / "p.txt").write_bytes(b"\xff\xfe bad utf-8")
+        args += ["--prompts-file", tmp_path / "p.txt"]
+    elif case == "no_prompt":
+        args = args[1:]
+    elif case == "strength":
+        (tmp_path / "init.png").write_bytes(b"unused")
+        args += ["--init-image", tmp_path / "init.png", "--strength", 0]
+    elif case == "bad_vae":  # a VQ autoencoder: loads, but its keys are not the tiny KL model's
+        vq = vae_lib.build_autoencoder(vae_lib.PRESETS["tiny-vq"])
+        ldm.save_safetensors(tmp_path / "vae.safetensors", vq.state_dict())
+        args += ["--vae", tmp_path / "vae.safetensors"]
+    rc, out, err = run_main(capsys, *args)
+    assert rc == 2 and out == ""
+    assert expect in error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# sampling internals: same pixels as ldm.sample, the float16 VAE retry
+
+
+@pytest.fixture(scope="module")
+def tiny(ckpt):
+    return ldm.load_model(ckpt, device="cpu")
+
+
+def test_generate_matches_ldm_sample(tiny):
+    job = sample.Job("a cat", "dog", 5, 3, 7.5, 0.5, 64, 48)
+    ours = sample.generate(tiny, [job], progress=False)[0]
+    ref = ldm.sample(tiny, ["a cat"], negative_prompts=["dog"], steps=3, eta=0.5, seed=5, height=48, width=64,
+                     progress=False)[0]
+    assert np.array_equal(np.asarray(ours), np.asarray(ref))
+    init = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    job = sample.Job("a cat", "", 6, 5, 3.0, 0.0, 64, 64, strength=0.6)
+    ours = sample.generate(tiny, [job], init, progress=False)[0]
+    ref = ldm.sample(tiny, ["a cat"], steps=5, guidance_scale=3.0, seed=6, init_image=init, strength=0.6,
+                     progress=False)[0]
+    assert np.array_equal(np.asarray(ours), np.asarray(ref))
+
+
+def test_half_precision_vae_overflow_is_decoded_again_in_float32(tiny, monkeypatch, capsys):
+    vae = tiny.vae
+    decode = vae.decode
+    monkeypatch.setattr(vae, "decode", lambda z: decode(z) * (float("nan") if z.dtype == torch.float16 else 1))
+    vae.half()
+    try:
+        z = torch.randn(1, tiny.latent_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+        images = sample.decode(tiny, z)
+        assert torch.isfinite(images).all() and next(vae.parameters()).dtype == torch.float32
+        assert "decoding again with the VAE in float32" in capsys.readouterr().err
+        monkeypatch.setattr(vae, "decode", lambda z: decode(z) * float("nan"))
+        with pytest.raises(sample.CliError, match="NaN/inf pixels even in float32"):
+            sample.decode(tiny, z)
+        with pytest.raises(sample.CliError, match="NaN/inf latents"):
+            sample.decode(tiny, torch.full_like(z, float("inf")))
+    finally:
+        vae.float()
+
+
+def test_ctrl_c_keeps_written_images_and_exits_130(tmp_path, ckpt):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LDM_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "a", "--ckpt", str(ckpt), "--n", "50",
+                             "--steps", "2", "--seed", "0"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()  # the first image is written: interrupt the run
+    proc.send_signal(__import__("signal").SIGINT)
+    out, err = proc.communicate(timeout=60)
+    written = sorted((tmp_path / "outputs").glob("0*.png"))
+    assert proc.returncode == 130 and first.strip() == "outputs/00000.png"
+    assert "interrupted: kept the" in err and 1 <= len(written) < 50
+    assert all(Image.open(p).text["parameters"] for p in written)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# default weights: download with resume and verification (ldm.download / ldm.default_checkpoint)
+
+
+class FileServer(http.server.ThreadingHTTPServer):
+    """Serves one payload at any path. mode: 'range' (honours Range), 'norange' (always 200, the whole file),
+    'cut' (the first response stops halfway and closes the connection)."""
+
+    def __init__(self, payload: bytes, mode: str = "range"):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.payload, self.mode, self.ranges = payload, mode, []
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/model.safetensors"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        srv, data = self.server, self.server.payload
+        asked = self.headers.get("Range")
+        srv.ranges.append(asked)
+        start = int(asked.removeprefix("bytes=").rstrip("-")) if asked and srv.mode != "norange" else 0
+        if start >= len(data) > 0 and asked:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(data)}")
+            self.end_headers()
+            return
+        self.send_response(206 if asked and srv.mode != "norange" else 200)
+        if asked and srv.mode != "norange":
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        body = data[start:]
+        if srv.mode == "cut" and len(srv.ranges) == 1:
+            body = body[:len(body) // 2]
+            self.close_connection = True
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def payload(tmp_path_factory) -> bytes:
+    path = tmp_path_factory.mktemp("payload") / "p.safetensors"
+    ldm.save_safetensors(path, {"w": torch.randn(300, 300, generator=torch.Generator().manual_seed(0))})
+    return path.read_bytes()
+
+
+@pytest.fixture
+def server(request, payload):
+    srv = FileServer(payload, getattr(request, "param", "range"))
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_download_verifies_and_renames(tmp_path, server, payload):
+    sha = hashlib.sha256(payload).hexdigest()
+    dest = ldm.download(server.url, tmp_path / "dl" / "m.safetensors", sha256=sha, progress=False)
+    assert dest.read_bytes() == payload and server.ranges == [None]
+    assert [p.name for p in (tmp_path / "dl").iterdir()] == ["m.safetensors"]  # no part file left
+
+
+@pytest.mark.parametrize("server", ["cut"], indirect=True)
+def test_download_resumes_after_a_cut(tmp_path, server, payload):
+    dest, part = tmp_path / "m.safetensors", tmp_path / "m.safetensors.part"
+    with pytest.raises(ldm.DownloadError, match="run again to resume"):
+        ldm.download(server.url, dest, sha256=hashlib.sha256(payload).hexdigest(), progress=False, attempts=1)
+    assert not dest.exists() and part.stat().st_size == len(payload) // 2
+    ldm.download(server.url, dest, sha256=hashlib.sha256(payload).hexdigest(), progress=False, attempts=1)
+    assert server.ranges == [None, f"bytes={len(payload) // 2}-"]
+    assert dest.read_bytes() == payload and not part.exists()
+
+
+@pytest.mark.parametrize("server", ["cut"], indirect=True)
+def test_download_resumes_within_one_call(tmp_path, server, payload):
+    dest = ldm.download(server.url, tmp_path / "m.safetensors", progress=False)
+    assert dest.read_bytes() == payload and len(server.ranges) == 2
+
+
+def test_corrupt_download_is_rejected_and_removed(tmp_path, server, payload):
+    with pytest.raises(ldm.DownloadError, match="sha256 mismatch.*deleted"):
+        ldm.download(server.url, tmp_path / "m.safetensors", sha256="0" * 64, progress=False)
+    server.payload = payload[:100] + b"garbage"  # not a checkpoint at all, no sha pinned
+    with pytest.raises(ldm.DownloadError, match="not a valid checkpoint"):
+        ldm.download(server.url, tmp_path / "m.safetensors", progress=False)
+    assert not list(tmp_path.glob("m.safetensors*"))  # neither the file nor its part
+
+
+@pytest.mark.parametrize("server", ["norange"], indirect=True)
+def test_server_without_range_restarts_from_zero(tmp_path, server, payload):
+    (tmp_path / "m.safetensors.part").write_bytes(b"x" * 1000)  # a stale part that must not be kept
+    dest = ldm.download(server.url, tmp_path / "m.safetensors", sha256=hashlib.sha256(payload).hexdigest(),
+                        progress=False)
+    assert server.ranges == ["bytes=1000-"] and dest.read_bytes() == payload
+
+
+def test_default_checkpoint_uses_ldm_home_and_env_url(server, payload, ldm_home, monkeypatch):
+    monkeypatch.setenv("LDM_MODEL_URL", server.url)
+    monkeypatch.setenv("LDM_MODEL_SHA256", "f" * 64)
+    with pytest.raises(ldm.DownloadError, match="sha256 mismatch"):
+        ldm.default_checkpoint(progress=False)
+    sha = hashlib.sha256(payload).hexdigest()
+    monkeypatch.setenv("LDM_MODEL_SHA256", sha)
+    path = ldm.default_checkpoint(progress=False)
+    assert path == ldm_home / "model.safetensors" and path.read_bytes() == payload
+    assert ldm.file_sha256(path) == sha and str(path.resolve()) in (ldm_home / "sha256.json").read_text()
+    assert ldm.default_checkpoint(progress=False) == path and len(server.ranges) == 2  # cached: no new request
