@@ -34,37 +34,50 @@ class CliError(Exception):
     """A problem with what the user asked for: printed as one line, exit code 2."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default but None: those flags say in their help what happens without them."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate images with a Stable Diffusion checkpoint.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("prompt", nargs="?", help="what to draw (optional with --prompts-file or --replay)")
-    p.add_argument("--negative", default="", help="negative prompt: what to steer away from")
-    p.add_argument("--prompts-file", type=Path, help="UTF-8 text file, one prompt per line (blank lines skipped)")
-    p.add_argument("--ckpt", type=Path, help="SD 1.x/2.x .safetensors/.ckpt, diffusers folder or train.py export "
-                   "(default: SD 1.5 fp16, downloaded on first use)")
-    p.add_argument("--vae", type=Path, help="standalone VAE to use instead of the checkpoint's (e.g. vae-ft-mse)")
+    p.add_argument("--negative", metavar="TEXT", help="negative prompt: what to steer away from")
+    p.add_argument("--prompts-file", type=Path, metavar="FILE", help="UTF-8 text file, one prompt per line (blank "
+                   "lines skipped); the model is loaded once")
+    p.add_argument("--ckpt", type=Path, metavar="PATH", help="SD 1.x/2.x .safetensors/.ckpt, diffusers folder or "
+                   "train.py export (default: SD 1.5 fp16, downloaded on first use)")
+    p.add_argument("--vae", type=Path, metavar="PATH", help="standalone VAE to use instead of the checkpoint's "
+                   "(e.g. vae-ft-mse)")
     p.add_argument("--prediction", choices=["eps", "v"], help="U-Net prediction type (default: from the file; "
                    "SD 2.x is probed)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (1 turns it off)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic, 1 is DDPM-like")
     p.add_argument("--sampler", choices=sorted(SAMPLER_NAMES), default="ddim", help="sampler")
-    p.add_argument("--seed", type=int, help="seed of the first image, image i uses seed + i (default: random)")
-    p.add_argument("--height", type=int, help="image height, a multiple of 8 (default: the model's resolution)")
-    p.add_argument("--width", type=int, help="image width, a multiple of 8 (default: the model's resolution)")
+    p.add_argument("--seed", type=int, metavar="N", help="seed of the first image, image i uses seed + i "
+                   "(default: random, printed)")
+    p.add_argument("--height", type=int, metavar="PX", help="image height, a multiple of 8 (default: the model's "
+                   "resolution)")
+    p.add_argument("--width", type=int, metavar="PX", help="image width, a multiple of 8 (default: the model's "
+                   "resolution)")
     p.add_argument("--n", type=int, default=1, help="images per prompt (more than one also writes a grid)")
-    p.add_argument("--batch-size", type=int, default=1, help="images denoised together: faster on a GPU, more "
-                   "memory (batched float maths may change a pixel by 1 against --replay)")
-    p.add_argument("--init-image", type=Path, help="img2img: start from this image (resized to the output size)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="N", help="images denoised together: faster on a "
+                   "GPU, more memory (batched float maths may change a pixel by 1 against --replay)")
+    p.add_argument("--init-image", type=Path, metavar="PATH", help="img2img: start from this image (resized to the "
+                   "output size)")
     p.add_argument("--strength", type=float, default=0.75, help="img2img: fraction of the steps to run (1 ignores "
                    "the init image)")
-    p.add_argument("--out", type=Path, default=Path("outputs"), help="folder for numbered PNGs, or a .png path "
-                   "(existing files are never overwritten)")
+    p.add_argument("--out", type=Path, default=Path("outputs"), metavar="PATH", help="folder for numbered PNGs, or "
+                   "a .png path (existing files are never overwritten)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run")
     p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="weights' precision "
                    "(auto: fp16 on CUDA, fp32 elsewhere)")
-    p.add_argument("--replay", type=Path, help="regenerate this PNG from its parameters and compare pixels "
-                   "(exit 0 when identical, 1 when not)")
+    p.add_argument("--replay", type=Path, metavar="PNG", help="regenerate this PNG from its parameters and compare "
+                   "pixels (exit 0 when identical, 1 when not)")
     return p
 
 
@@ -301,7 +314,7 @@ def run_generate(args) -> int:
     init = image_tensor(init_pil, width, height) if init_pil else None
     seed = args.seed if args.seed is not None else random.randrange(2 ** 32)
     print(f"seed {seed}" + (f" (images use {seed}..{seed + args.n - 1})" if args.n > 1 else ""), file=sys.stderr)
-    jobs = [Job(p, args.negative, seed + i, args.steps, args.cfg, args.eta, width, height,
+    jobs = [Job(p, args.negative or "", seed + i, args.steps, args.cfg, args.eta, width, height,
                 args.strength if init is not None else None, args.sampler) for p in prompts for i in range(args.n)]
     batch = 1 if args.eta > 0 else args.batch_size  # per-step eta noise is drawn per batch, not per image
     stop = []
