@@ -1,0 +1,324 @@
+"""train.py tests: CPU, the tiny preset at 32x32 on small synthetic image folders."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+import ldm
+import train
+import vae as vae_lib
+
+HERE = Path(__file__).parent
+FAST = ["--resolution", "32", "--batch-size", "4", "--num-workers", "0", "--no-progress", "--sample-every", "0",
+        "--sample-steps", "2", "--val-fraction", "0", "--save-every", "1000"]
+
+
+def make_images(folder: Path, n: int, captions: str | None = "txt", size: int = 40) -> list[str]:
+    """n synthetic images (a coloured square on a plain background, various sizes and modes) with captions in
+    .txt files, a metadata.jsonl, or none."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    names, records = [], []
+    colours = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+    for i in range(n):
+        arr = np.full((size, size + 8 * (i % 3), 3), rng.integers(0, 255, 3), dtype=np.uint8)
+        lo = int(rng.integers(0, size // 2))
+        arr[lo:lo + size // 3, lo:lo + size // 3] = rng.integers(0, 255, 3)
+        im = Image.fromarray(arr)
+        name = f"sub{i % 2}/img{i:02d}.png" if i % 4 else f"img{i:02d}.jpg"
+        (folder / name).parent.mkdir(exist_ok=True)
+        im.save(folder / name)
+        caption = f"a {colours[i % len(colours)]} square number {i}"
+        if captions == "txt":
+            (folder / name).with_suffix(".txt").write_text(caption + "\n")
+        records.append({"file_name": name, "text": caption})
+        names.append(name)
+    if captions == "jsonl":
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return names
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in read_log(out) if "loss" in r]
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
+
+
+def test_captions_from_txt_and_metadata_jsonl(tmp_path):
+    for kind in ("txt", "jsonl"):
+        names = make_images(tmp_path / kind, 5, captions=kind)
+        items, has_captions = train.find_images(tmp_path / kind)
+        assert has_captions
+        got = {p.relative_to(tmp_path / kind).as_posix(): c for p, c in items}
+        assert got == {n: f"a {c} square number {i}" for i, (n, c) in
+                       enumerate(zip(names, ["red", "green", "blue", "yellow", "purple"]))}
+
+
+def test_image_modes_exif_and_crop(tmp_path):
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red -> white
+    assert train.to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+    pal = Image.new("P", (4, 4), 0)
+    pal.putpalette([0, 0, 255] * 256)
+    assert train.to_rgb(pal).getpixel((0, 0)) == (0, 0, 255)
+    grey16 = Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16))
+    assert train.to_rgb(grey16).getpixel((0, 0)) == (255, 255, 255)
+    assert train.to_rgb(Image.new("L", (4, 4), 7)).getpixel((0, 0)) == (7, 7, 7)
+    # EXIF orientation 6 (rotate 90 degrees clockwise): a 40x20 landscape file is shown as 20x40 portrait
+    im = Image.new("RGB", (40, 20), (0, 0, 0))
+    im.paste((255, 255, 255), (0, 0, 20, 20))  # left half white: after rotation the top half is white
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "rot.jpg", exif=exif, quality=100)
+    x = train.load_image(tmp_path / "rot.jpg", 16)  # resize short side 20 -> 16: 16x32, centre crop 16x16
+    assert x.shape == (3, 16, 16) and -1 <= x.min() and x.max() <= 1
+    full = train.to_rgb(Image.open(tmp_path / "rot.jpg"))
+    assert full.size == (40, 20)  # without the transpose the file is landscape
+    rotated = np.asarray(train.to_rgb(__import__("PIL.ImageOps").ImageOps.exif_transpose(Image.open(tmp_path /
+                                                                                                      "rot.jpg"))))
+    assert rotated.shape[:2] == (40, 20) and rotated[:10].mean() > 200 and rotated[30:].mean() < 50
+
+
+def test_empty_folder_and_no_images_are_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("a caption")
+    for folder in ("empty", "texts"):
+        with pytest.raises(SystemExit, match="no images found"):
+            train.main(["--data", str(tmp_path / folder), "--out", str(tmp_path / "out")] + FAST)
+    with pytest.raises(SystemExit, match="no such folder"):
+        train.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "out")] + FAST)
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path, capsys):
+    make_images(tmp_path / "d", 4)
+    (tmp_path / "d" / "bad1.png").write_bytes(b"not an image at all")
+    good = (tmp_path / "d" / "img00.jpg").read_bytes()
+    (tmp_path / "d" / "bad2.jpg").write_bytes(good[:20])  # truncated
+    train.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "out"), "--steps", "2"] + FAST)
+    err = capsys.readouterr()
+    assert "skipped 2 unreadable images: bad1.png, bad2.jpg" in err.out + err.err
+    assert len(losses(tmp_path / "out")) == 2
+
+
+def test_no_captions_trains_unconditionally(tmp_path, capsys):
+    make_images(tmp_path / "d", 4, captions=None)
+    args, explicit = train.parse_args(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "out"), "--steps",
+                                       "1"] + FAST)
+    trainer = train.Trainer(args, explicit)
+    out = capsys.readouterr()
+    assert (out.out + out.err).count("training unconditionally") == 1
+    assert all(c == "" for _, c in trainer.items) and trainer.prompts == [""]
+    trainer.run()
+    assert len(losses(tmp_path / "out")) == 1
+
+
+def test_step_sampler_shards_one_global_order():
+    one = train.StepSampler(10, 4, 1, 0, 1, seed=3, start=1, total=5)
+    two = [train.StepSampler(10, 2, 2, r, 1, seed=3, start=1, total=5) for r in range(2)]
+    for b1, b20, b21 in zip(one, *two):
+        assert b1 == b20 + b21
+    assert one.steps_per_epoch == 2
+    first_epoch = [i for b in list(one)[:2] for i, _ in b]
+    assert len(set(first_epoch)) == 8  # no repeats inside an epoch
+
+
+# --- training ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharp_vae(tmp_path_factory) -> str:
+    """A random tiny KL autoencoder whose posterior is (almost) deterministic, saved as a standalone VAE file: the
+    randomly initialised one has posterior std ~1, which buries the images in noise no model can learn."""
+    torch.manual_seed(0)
+    model = vae_lib.build_autoencoder(vae_lib.PRESETS["tiny-kl"])
+    with torch.no_grad():
+        model.quant_conv.bias[model.cfg.embed_dim:] = -12.0  # logvar channels: std = exp(-6)
+    path = tmp_path_factory.mktemp("vae") / "vae.safetensors"
+    ldm.save_safetensors(path, model.state_dict(), {"scale_factor": "2.0"})
+    return str(path)
+
+
+def test_overfit_one_batch(tmp_path, sharp_vae):
+    make_images(tmp_path / "d", 4)
+    out = tmp_path / "out"
+    train.main(["--data", str(tmp_path / "d"), "--out", str(out), "--steps", "25", "--cache-latents", "--lr", "3e-3",
+                "--vae", sharp_vae, "--uncond-prob", "0", "--ema-decay", "0", "--warmup-steps", "5"]
+               + FAST + ["--batch-size", "16"])  # 4 images tiled to 16 per step: less timestep noise in the loss
+    loss = losses(out)
+    assert len(loss) == 25
+    first, last = np.mean(loss[:3]), np.mean(loss[-5:])
+    assert first > 0.9 and last < 0.4 * first, (first, last)
+
+
+def test_lr_schedule():
+    assert [train.lr_at(s, 1.0, 4, 10, "constant") for s in (1, 2, 4, 5, 10)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    assert train.lr_at(4, 1.0, 4, 10, "cosine") == 1.0 and train.lr_at(10, 1.0, 4, 10, "cosine") == 0.0
+    assert train.lr_at(7, 1.0, 4, 10, "cosine") == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("how", ["more_steps", "crash"])
+def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, monkeypatch, how):
+    """`--steps 3` then `--steps 6 --resume` (constant LR), or a 6-step cosine run that crashes in step 5 and
+    resumes from its step-3 checkpoint, give the losses and weights of one uninterrupted 6-step run."""
+    make_images(tmp_path / "d", 10)
+    data = ["--data", str(tmp_path / "d")]
+    common = data + ["--flip", "--random-crop", "--lr-schedule", "cosine" if how == "crash" else "constant",
+                     "--warmup-steps", "2", "--ema-decay", "0.9", "--grad-accum", "2", "--snr-gamma", "5",
+                     "--noise-offset", "0.1"] + FAST + ["--batch-size", "2", "--save-every", "3"]
+    train.main(common + ["--out", str(tmp_path / "a"), "--steps", "6"])
+    if how == "more_steps":
+        train.main(common + ["--out", str(tmp_path / "b"), "--steps", "3"])
+    else:
+        real = train.Trainer.forward_backward
+
+        def crash_in_step_5(self, step):
+            if step == 5:
+                raise RuntimeError("simulated crash")
+            return real(self, step)
+
+        monkeypatch.setattr(train.Trainer, "forward_backward", crash_in_step_5)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train.main(common + ["--out", str(tmp_path / "b"), "--steps", "6"])
+        monkeypatch.setattr(train.Trainer, "forward_backward", real)
+        assert [r["step"] for r in read_log(tmp_path / "b")] == [1, 2, 3, 4]
+    train.main(data + ["--out", str(tmp_path / "b"), "--resume"] + (["--steps", "6"] if how == "more_steps" else []))
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(a) == len(b) == 6 and a == b  # bitwise equal floats
+    assert [r["step"] for r in read_log(tmp_path / "b")] == [1, 2, 3, 4, 5, 6]
+    sa = ldm.read_checkpoint(tmp_path / "a" / "final.safetensors")[0]
+    sb = ldm.read_checkpoint(tmp_path / "b" / "final.safetensors")[0]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    ck = torch.load(train.list_checkpoints(tmp_path / "b")[0], weights_only=True)
+    assert ck["step"] == 6 and ck["epoch"] == 6 // 2 and set(ck) >= {"unet", "ema", "optimizer", "rng", "args"}
+
+
+def test_sigint_finishes_the_step_saves_and_exits_0(tmp_path):
+    make_images(tmp_path / "d", 8)
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(HERE / "train.py"), "--data", str(tmp_path / "d"), "--out", str(out),
+           "--steps", "100000"] + FAST
+    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not ((out / "log.jsonl").exists() and len(read_log(out)) >= 2) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    (ckpt,) = train.list_checkpoints(out)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == read_log(out)[-1]["step"] >= 2
+    assert "continue with --resume" in output
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    make_images(tmp_path / "d", 4)
+    out = tmp_path / "out"
+    argv = ["--data", str(tmp_path / "d"), "--out", str(out), "--steps", "4"] + FAST + ["--save-every", "2"]
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if str(dst).endswith("ckpt-0000004.pt"):
+            assert Path(src).stat().st_size > 0  # the temporary file was written in full
+            raise OSError("disk gone")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(train.os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        train.main(argv)
+    monkeypatch.setattr(train.os, "replace", real_replace)
+    assert [p.name for p in train.list_checkpoints(out)] == ["ckpt-0000002.pt"]
+    assert not list(out.glob("*.tmp"))
+    state, _ = train.load_latest_checkpoint(out)
+    assert state["step"] == 2
+    train.main(["--data", str(tmp_path / "d"), "--out", str(out), "--resume"])
+    assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3, 4]
+    # a damaged newest checkpoint is passed over on resume
+    (out / "ckpt-0000009.pt").write_bytes(b"PK garbage")
+    state, path = train.load_latest_checkpoint(out)
+    assert state["step"] == 4 and path.name == "ckpt-0000004.pt"
+
+
+def test_non_finite_loss_stops_after_repeated_failures(tmp_path, monkeypatch, capsys):
+    make_images(tmp_path / "d", 4)
+    monkeypatch.setattr(train, "diffusion_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(SystemExit, match="not finite for 5 steps"):
+        train.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "out"), "--steps", "50"] + FAST)
+    state, _ = train.load_latest_checkpoint(tmp_path / "out")
+    assert state["step"] == 5
+    fresh = train.Trainer(*train.parse_args(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "x")] + FAST))
+    assert all(torch.equal(v, fresh.model.unet.state_dict()[k]) for k, v in state["unet"].items())
+
+
+# --- export --------------------------------------------------------------------------------------------------------
+
+
+def test_export_loads_and_samples(tmp_path):
+    make_images(tmp_path / "d", 4)
+    out = tmp_path / "out"
+    train.main(["--data", str(tmp_path / "d"), "--out", str(out), "--steps", "3", "--cache-latents"] + FAST)
+    model = ldm.load_model(out / "final.safetensors", device="cpu")
+    ck, _ = train.load_latest_checkpoint(out)
+    assert all(torch.equal(model.unet.state_dict()[k], v) for k, v in ck["ema"].items())  # EMA weights exported
+    images = ldm.sample(model, ["a red square"], steps=2, seed=0, progress=False)
+    assert images[0].size == (64, 64)  # the model's resolution (the tiny preset's)
+    assert (out / "loss.png").exists() and list((out / "samples").glob("step-*.png"))
+
+
+def test_export_keys_are_the_public_sd1_layout():
+    with torch.device("meta"):
+        model = ldm.build_model("sd1")
+    manifest = json.loads((HERE / "fixtures" / "manifests" / "sd15.json").read_text())
+    keys = set(train.export_tensors(model, {k: v for k, v in model.unet.state_dict().items()}))
+    assert keys == {k for k in manifest if not k.endswith("position_ids")}
+
+
+# --- distributed ---------------------------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank: int, world: int, port: int, argv: list[str], grads_path: str):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    trainer = train.Trainer(*train.parse_args(argv))
+    trainer.forward_backward(1)
+    if rank == 0:
+        torch.save({n: p.grad for n, p in trainer.model.unet.named_parameters()}, grads_path)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.batches = None
+    trainer.run()
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_ddp_matches_single_process_gradient(tmp_path):
+    make_images(tmp_path / "d", 8)
+    base = ["--data", str(tmp_path / "d"), "--steps", "2", "--uncond-prob", "0.5"] + FAST
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = base + ["--out", str(tmp_path / "ddp"), "--batch-size", "2"]
+    mp.spawn(_ddp_worker, args=(2, port, two, str(tmp_path / "grads.pt")), nprocs=2, join=True)
+    single = train.Trainer(*train.parse_args(base + ["--out", str(tmp_path / "one"), "--batch-size", "4"]))
+    single.forward_backward(1)
+    ddp_grads = torch.load(tmp_path / "grads.pt", weights_only=True)
+    for n, p in single.model.unet.named_parameters():
+        torch.testing.assert_close(ddp_grads[n], p.grad, rtol=1e-4, atol=1e-6)
+    log = read_log(tmp_path / "ddp")
+    assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
+    assert (tmp_path / "ddp" / "final.safetensors").exists()

@@ -1,0 +1,923 @@
+"""Train or fine-tune the text-conditioned U-Net of a latent diffusion model on a folder of captioned images.
+
+The VAE and the text encoder stay frozen (unless --train-text-encoder) and the U-Net learns
+    loss = || target - unet(z_t, t, c) ||^2,  z_t = sqrt(a_t) z0 + sqrt(1 - a_t) eps,  z0 = scale_factor * E(x)
+with target = eps, or v = sqrt(a_t) eps - sqrt(1 - a_t) z0 for v-prediction models.
+
+    python train.py --data my_images/ --ckpt v1-5-pruned-emaonly.safetensors --out runs/cats
+    python train.py --data my_images/ --out runs/cats --resume          # after a crash or Ctrl-C
+    torchrun --nproc_per_node 8 train.py --data my_images/ --ckpt ... --out runs/big
+
+Everything random is a function of (--seed, step): each epoch is a permutation seeded by (seed, epoch), each step's
+timesteps and noise come from a generator seeded by (seed, step) over the whole global batch (every rank takes its
+slice), and augmentations from (seed, epoch, image). So a resumed run repeats the uninterrupted one exactly, and N
+ranks compute the gradient of the same global batch as one process would.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, replace
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from PIL import Image, ImageDraw, ImageOps
+from tqdm import tqdm
+
+import ldm
+import unet as unet_lib
+import vae as vae_lib
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Defaults by model size ("tiny": CPU-sized, learns in a few dozen steps; "sd": SD 1.x/2.x-sized fine-tuning).
+DEFAULTS = {
+    "tiny": dict(lr=1e-3, batch_size=8, warmup_steps=10, ema_decay=0.999, steps=2000, save_every=500,
+                 sample_every=250, val_every=100),
+    "sd": dict(lr=1e-5, batch_size=4, warmup_steps=500, ema_decay=0.9999, steps=20000, save_every=1000,
+               sample_every=1000, val_every=500),
+}
+SCRATCH_SD_LR = 1e-4  # from-scratch SD-sized runs (LDM's text-to-image rate) rather than fine-tuning's 1e-5
+# Settings that fix the data order and noise: changing them on --resume breaks exact continuation.
+ORDER_ARGS = ("data", "seed", "batch_size", "grad_accum", "resolution", "val_fraction", "random_crop", "flip")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data", required=True, help="image folder (recursive; same-named .txt captions or a metadata.jsonl)")
+    a("--out", required=True, help="run folder: checkpoints, log.jsonl, loss.png, samples/, final.safetensors")
+    a("--ckpt", help="start from this SD/LDM checkpoint (.safetensors/.ckpt or diffusers folder): fine-tuning")
+    a("--config", choices=sorted(ldm.PRESETS), default="tiny", help="model preset when training from scratch")
+    a("--vae", help="autoencoder file for a from-scratch model (default: the preset's, randomly initialised)")
+    a("--prediction-type", choices=["eps", "v"], help="override the model's prediction type")
+    a("--resume", action="store_true", help="continue from the latest loadable checkpoint in --out")
+    a("--train-text-encoder", action="store_true", help="train the text encoder too (else frozen)")
+    a("--resolution", type=int, help="training image size (default: the model's)")
+    a("--random-crop", action="store_true", help="random instead of centre crop after resizing the short side")
+    a("--flip", action="store_true", help="random horizontal flips")
+    a("--val-fraction", type=float, default=0.02, help="share of images held out for the validation loss")
+    a("--batch-size", type=int, help="images per GPU per micro-batch (default: 8 tiny, 4 SD)")
+    a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--steps", type=int, help="total optimizer steps, counted from 1 (default: 2000 tiny, 20000 SD)")
+    a("--epochs", type=int, help="total epochs instead of --steps")
+    a("--lr", type=float, help="peak learning rate (default: 1e-3 tiny, 1e-5 SD fine-tune, 1e-4 SD scratch)")
+    a("--warmup-steps", type=int, help="linear warm-up steps (default: 10 tiny, 500 SD)")
+    a("--lr-schedule", choices=["constant", "cosine"], default="constant", help="after warm-up")
+    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    a("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    a("--precision", choices=["bf16", "fp16", "fp32"], help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
+    a("--grad-checkpointing", action="store_true", help="recompute U-Net activations in backward (less memory)")
+    a("--ema-decay", type=float, help="EMA of the U-Net (0: off; default 0.999 tiny, 0.9999 SD)")
+    a("--cache-latents", action="store_true", help="encode every image (and frozen-encoder caption) once")
+    a("--uncond-prob", type=float, default=0.1, help="caption dropout probability (for classifier-free guidance)")
+    a("--snr-gamma", type=float, help="min-SNR loss weighting with this gamma (e.g. 5)")
+    a("--noise-offset", type=float, default=0.0, help="add this times per-channel constant noise")
+    a("--seed", type=int, default=0, help="seed of data order, noise, augmentation and from-scratch weights")
+    a("--num-workers", type=int, default=4, help="data loading processes per GPU")
+    a("--device", help="cpu or cuda (default: cuda if available)")
+    a("--save-every", type=int, help="checkpoint every N steps (default: 500 tiny, 1000 SD)")
+    a("--keep", type=int, default=3, help="number of checkpoints kept")
+    a("--sample-every", type=int, help="sample grid every N steps, 0: only at the end (default: 250 tiny, 1000 SD)")
+    a("--sample-prompts", nargs="+", help="prompts of the sample grid (default: 4 captions from the data)")
+    a("--sample-steps", type=int, default=25, help="DDIM steps of the sample grid")
+    a("--sample-cfg", type=float, default=5.0, help="guidance scale of the sample grid")
+    a("--val-every", type=int, help="validation loss every N steps (default: 100 tiny, 500 SD)")
+    a("--export-weights", choices=["ema", "raw"], default="ema", help="U-Net weights in final.safetensors")
+    a("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
+    a("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_args(argv: list[str] = None) -> tuple[argparse.Namespace, set[str]]:
+    """(args, names of the flags given explicitly): on --resume those override the run's saved settings."""
+    args = make_parser().parse_args(argv)
+    explicit = make_parser()
+    for action in explicit._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    return args, set(vars(explicit.parse_args(argv)))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def find_images(root: str | os.PathLike) -> tuple[list[tuple[Path, str]], bool]:
+    """[(image path, caption)] from a metadata.jsonl (file_name, text) or a recursive scan with same-named .txt
+    captions, and whether any caption exists. Errors (no folder, no images) are one-line SystemExits."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SystemExit(f"error: --data {root}: no such folder")
+    meta = root / "metadata.jsonl"
+    items = []
+    if meta.exists():
+        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                    items.append((root / rec["file_name"], rec.get("text")))
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise SystemExit(f"error: {meta}:{n}: expected {{\"file_name\": ..., \"text\": ...}} ({e})")
+    else:
+        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()):
+            txt = path.with_suffix(".txt")
+            items.append((path, txt.read_text(encoding="utf-8").strip() if txt.exists() else None))
+    if not items:
+        raise SystemExit(f"error: --data {root}: no images found (looked for {', '.join(IMAGE_EXTS)} recursively, "
+                         "or a metadata.jsonl)")
+    has_captions = any(c for _, c in items)
+    return [(p, str(c or "")) for p, c in items], has_captions
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16-bit greyscale rescaled, transparency composited onto white."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        scale = 257.0 if arr.max() > 255 else 1.0  # 65535 / 255: 16-bit range onto 8 bits
+        im = Image.fromarray((arr / scale).clip(0, 255).round().astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA", "P", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return im.convert("RGB")
+
+
+def load_image(path: Path, resolution: int, rng: np.random.Generator = None, random_crop: bool = False,
+               flip: bool = False) -> torch.Tensor:
+    """[3, R, R] in [-1, 1]: EXIF-rotated, RGB, short side resized to R, centre (or random) crop, optional flip.
+    Random choices come from `rng`, seeded per (seed, epoch, image) by the caller."""
+    with Image.open(path) as im:
+        im = to_rgb(ImageOps.exif_transpose(im))
+    w, h = im.size
+    s = resolution / min(w, h)
+    im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+    w, h = im.size
+    if random_crop:
+        left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
+    else:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    im = im.crop((left, top, left + resolution, top + resolution))
+    if flip and rng.random() < 0.5:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, R, R)
+    return x / 127.5 - 1.0
+
+
+def check_images(items: list[tuple[Path, str]]) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """(readable items, unreadable paths): a cheap header/CRC check before training, so a bad file is reported
+    up front instead of failing mid-run."""
+    good, bad = [], []
+    for path, caption in items:
+        try:
+            with Image.open(path) as im:
+                im.verify()
+            good.append((path, caption))
+        except Exception:  # PIL raises many types for damaged files (OSError, SyntaxError, ValueError, ...)
+            bad.append(path)
+    return good, bad
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Item (index, epoch) -> (index, image [3, R, R]); augmentation seeded by (seed, epoch, index). A file that
+    fails to decode now (it passed check_images) is replaced by the next readable image, so batches keep their size."""
+
+    def __init__(self, items: list[tuple[Path, str]], resolution: int, seed: int, random_crop=False, flip=False):
+        self.items, self.resolution, self.seed = items, resolution, seed
+        self.random_crop, self.flip = random_crop, flip
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, torch.Tensor]:
+        index, epoch = key
+        for k in range(len(self.items)):
+            i = (index + k) % len(self.items)
+            try:
+                rng = np.random.default_rng([self.seed, epoch, i])
+                return i, load_image(self.items[i][0], self.resolution, rng, self.random_crop, self.flip)
+            except Exception as e:
+                print(f"warning: skipping unreadable image {self.items[i][0]} ({e})", file=sys.stderr)
+        raise RuntimeError("no readable image left")
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """This rank's micro-batches of (index, epoch) for steps start..total. Epoch e is a permutation of the training
+    set seeded by (seed, e); step k of the epoch takes its positions [k G, (k + 1) G), G = batch * ranks * accum,
+    cut into accum micro-batches, each cut into ranks (DistributedSampler-like)."""
+
+    def __init__(self, n: int, batch_size: int, world: int, rank: int, accum: int, seed: int, start: int, total: int):
+        self.n, self.B, self.W, self.rank, self.accum, self.seed = n, batch_size, world, rank, accum, seed
+        self.start, self.total = start, total
+        self.G = batch_size * world * accum
+        self.steps_per_epoch = max(1, n // self.G)  # drop the last partial global batch; tile sets smaller than G
+
+    @lru_cache(maxsize=2)
+    def permutation(self, epoch: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return np.tile(perm, -(-self.G // self.n)) if self.n < self.G else perm
+
+    def global_batch(self, step: int) -> tuple[np.ndarray, int]:
+        epoch, k = divmod(step - 1, self.steps_per_epoch)
+        return self.permutation(epoch)[k * self.G:(k + 1) * self.G], epoch
+
+    def micro_slice(self, m: int, rank: int = None) -> slice:
+        """Positions in the global batch of micro-batch m on `rank`."""
+        lo = (m * self.W + (self.rank if rank is None else rank)) * self.B
+        return slice(lo, lo + self.B)
+
+    def __iter__(self):
+        for step in range(self.start, self.total + 1):
+            idx, epoch = self.global_batch(step)
+            for m in range(self.accum):
+                yield [(int(i), epoch) for i in idx[self.micro_slice(m)]]
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start + 1) * self.accum
+
+
+def collate(batch: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor([i for i, _ in batch]), torch.stack([x for _, x in batch])
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Loss, schedule, EMA
+
+
+def step_generator(*seeds: int) -> torch.Generator:
+    """A CPU generator seeded by a tuple of ints (e.g. (seed, step)); same numbers on every device and rank."""
+    return torch.Generator("cpu").manual_seed(int(np.random.SeedSequence(list(seeds)).generate_state(1, np.uint64)[0]))
+
+
+def diffusion_loss(model: ldm.LatentDiffusion, denoise, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                   cond, snr_gamma: float = None) -> torch.Tensor:
+    """Mean over the batch of ||target - denoise(z_t, t, cond)||^2 (mean over C, H, W), optionally min-SNR weighted:
+    w = min(snr, gamma) / snr for eps, / (snr + 1) for v (Hang et al. 2023), snr = a / (1 - a)."""
+    pred = denoise(model.add_noise(z0, noise, t), t, cond)
+    target = model.training_target(z0, noise, t)
+    per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    if snr_gamma:
+        a = model.alphas_cumprod[t].float()
+        snr = a / (1 - a)
+        per_sample = per_sample * snr.clamp(max=snr_gamma) / (snr + 1 if model.prediction_type == "v" else snr)
+    return per_sample.mean()
+
+
+def lr_at(step: int, lr: float, warmup: int, total: int, schedule: str) -> float:
+    """Linear warm-up over steps 1..warmup, then constant or cosine to 0 at `total`."""
+    if step <= warmup:
+        return lr * step / max(1, warmup)
+    if schedule == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return lr
+
+
+class Denoiser(nn.Module):
+    """What DDP wraps: the U-Net, plus the text encoder when it is trained (so its gradients are synced too)."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module = None):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        context = self.text_encoder(cond) if self.text_encoder is not None else cond  # cond: tokens or context
+        return self.unet(z_t, t, context)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def rng_state() -> dict:
+    """Every global RNG state as tensors and plain types (loadable with torch.load(weights_only=True))."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = dict(python=torch.tensor(mt, dtype=torch.int64), python_version=version, python_gauss=gauss,
+                 numpy=torch.from_numpy(keys.astype(np.int64)), numpy_pos=int(pos),
+                 numpy_gauss=[int(has_gauss), float(cached)], torch=torch.get_rng_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         *state["numpy_gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, state: dict):
+    """torch.save to a temporary file, flush, fsync, rename: a crash at any point leaves older files intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        fd = os.open(path.parent, os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """ckpt-<step>.pt files in `out`, newest step first."""
+    found = [(int(p.stem.split("-")[1]), p) for p in out.glob("ckpt-*.pt") if p.stem.split("-")[1].isdigit()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def load_latest_checkpoint(out: Path) -> tuple[dict, Path] | tuple[None, None]:
+    """The newest checkpoint that loads; damaged ones are reported and passed over."""
+    for path in list_checkpoints(out):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True), path
+        except Exception as e:
+            print(f"warning: {path.name} does not load ({type(e).__name__}: {e}); trying an older one", file=sys.stderr)
+    return None, None
+
+
+def export_tensors(model: ldm.LatentDiffusion, unet_weights: dict[str, torch.Tensor] = None) -> dict:
+    """Public single-file SD keys (ldm.LatentDiffusion.checkpoint_state_dict), with `unet_weights` (e.g. the EMA)
+    in place of the U-Net's own."""
+    sd = model.checkpoint_state_dict()
+    for k, v in (unet_weights or {}).items():
+        sd[ldm.PREFIXES["unet"] + k] = v
+    return {k: v.detach() for k, v in sd.items()}
+
+
+def export_config(model: ldm.LatentDiffusion) -> dict[str, str]:
+    cfg = model.model_config()
+    cfg["unet"]["use_checkpoint"] = False  # a training setting, not part of the model
+    return {"ldm_config": json.dumps(cfg)}
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Progress: loss curve and sample grid
+
+
+def draw_loss_curve(log_path: Path, png_path: Path, size=(800, 400)):
+    """Training loss (light: per step, dark: smoothed) and validation loss (red dots) against step, drawn with PIL."""
+    train, val = [], []
+    for line in log_path.read_text().splitlines() if log_path.exists() else []:
+        rec = json.loads(line)
+        if rec.get("loss") is not None:
+            train.append((rec["step"], rec["loss"]))
+        if rec.get("val_loss") is not None:
+            val.append((rec["step"], rec["val_loss"]))
+    if not train:
+        return
+    W, H, pad = size[0], size[1], 50
+    ys = [y for _, y in train + val]
+    lo, hi = min(ys), float(np.percentile(ys, 99)) if len(ys) > 20 else max(ys)
+    hi = hi if hi > lo else lo + 1e-6
+    x_max = max(train[-1][0], 2)
+    im = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(im)
+
+    def xy(step, y):
+        return (pad + (W - 2 * pad) * (step - 1) / (x_max - 1),
+                H - pad - (H - 2 * pad) * (min(y, hi) - lo) / (hi - lo))
+
+    d.rectangle([pad, pad, W - pad, H - pad], outline="black")
+    smooth, s = [], train[0][1]
+    for step, y in train:
+        s = 0.9 * s + 0.1 * y
+        smooth.append((step, s))
+    if len(train) > 1:
+        d.line([xy(*p) for p in train], fill=(170, 190, 230), width=1)
+        d.line([xy(*p) for p in smooth], fill=(20, 60, 160), width=2)
+    for p in val:
+        x, y = xy(*p)
+        d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(200, 30, 30))
+    d.text((pad, 15), f"loss  (last smoothed {smooth[-1][1]:.4f}" + (f", val {val[-1][1]:.4f}" if val else "") + ")",
+           fill="black")
+    d.text((4, pad - 6), f"{hi:.3g}", fill="black")
+    d.text((4, H - pad - 6), f"{lo:.3g}", fill="black")
+    d.text((W - pad - 40, H - pad + 8), f"step {x_max}", fill="black")
+    tmp = png_path.with_name(png_path.name + ".tmp.png")
+    im.save(tmp)
+    os.replace(tmp, png_path)
+
+
+def image_grid(images: list[Image.Image], cols: int = 4) -> Image.Image:
+    cols = min(cols, len(images))
+    rows = -(-len(images) // cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+class Trainer:
+    """One training run: model, data, optimizer, EMA, checkpoints. `run()` trains from `self.start` to `self.total`.
+    Under torchrun every rank builds one; only rank 0 logs, samples, validates and writes files."""
+
+    def __init__(self, args: argparse.Namespace, explicit: set[str] = frozenset()):
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        use_cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+        self.device = torch.device(f"cuda:{local_rank}" if use_cuda and self.world > 1 else
+                                   (args.device or ("cuda" if use_cuda else "cpu")))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.out = Path(args.out)
+        state = None
+        if args.resume:
+            state, path = load_latest_checkpoint(self.out)
+            if state is None:
+                self.print(f"no loadable checkpoint in {self.out}; starting a new run")
+            else:
+                args = self.merge_args(state["args"], args, explicit)
+                self.print(f"resuming from {path} (step {state['step']})")
+        elif list_checkpoints(self.out):
+            raise SystemExit(f"error: {self.out} already holds checkpoints; pass --resume to continue that run or "
+                             "choose another --out")
+        if args.cache_latents and args.random_crop:
+            raise SystemExit("error: --random-crop needs the images at every step; drop it or --cache-latents")
+        items, has_captions = find_images(args.data)  # before building anything: a bad folder fails fast
+        items, bad = check_images(items)
+        if bad:
+            self.print(f"skipped {len(bad)} unreadable image{'s' * (len(bad) > 1)}: "
+                       + ", ".join(p.name for p in bad[:5]) + (", ..." if len(bad) > 5 else ""))
+        if not items:
+            raise SystemExit(f"error: --data {args.data}: none of the {len(bad)} images could be read")
+        if not has_captions:
+            self.print("no captions found (.txt or metadata.jsonl): training unconditionally with empty prompts")
+
+        self.model = self.build_model(args)
+        self.fill_defaults(args)
+        self.args = args
+        model, device = self.model, self.device
+        self.print(f"{sum(p.numel() for p in model.unet.parameters()) / 1e6:.1f}M U-Net parameters, "
+                   f"prediction {model.prediction_type}, {args.resolution}px, device {device}, world {self.world}, "
+                   f"precision {args.precision}")
+
+        # data: a seeded held-out split, then the step sampler over the rest
+        order = np.random.default_rng([args.seed, 1]).permutation(len(items))
+        n_val = int(len(items) * args.val_fraction) if len(items) > 1 else 0
+        self.val_items = [items[i] for i in sorted(order[len(items) - n_val:])]
+        self.items = [items[i] for i in sorted(order[:len(items) - n_val])]
+        self.sampler = StepSampler(len(self.items), args.batch_size, self.world, self.rank, args.grad_accum,
+                                   args.seed, 1, 0)
+        self.global_batch = self.sampler.G
+        self.total = args.epochs * self.sampler.steps_per_epoch if args.epochs else args.steps
+        self.latent_shape = (model.latent_channels, args.resolution // model.downsample_factor,
+                             args.resolution // model.downsample_factor)
+        self.dataset = ImageDataset(self.items, args.resolution, args.seed, args.random_crop, args.flip)
+        self.batches = None
+        self.prompts = args.sample_prompts or list(dict.fromkeys(
+            self.items[i * len(self.items) // 4][1] for i in range(min(4, len(self.items)))))
+
+        # trained modules, optimizer, EMA
+        model.to(device)
+        model.vae.eval().requires_grad_(False)
+        model.text_encoder.train(args.train_text_encoder).requires_grad_(args.train_text_encoder)
+        model.unet.train().requires_grad_(True)
+        model.unet.cfg.use_checkpoint = args.grad_checkpointing
+        self.denoiser = Denoiser(model.unet, model.text_encoder if args.train_text_encoder else None)
+        self.ddp = self.denoiser
+        if self.world > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.denoiser, device_ids=[device.index] if device.type == "cuda" else None)
+        self.params = [p for p in self.denoiser.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay,
+                                           fused=device.type == "cuda")
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
+        self.scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
+        self.ema = [p.detach().clone() for p in model.unet.parameters()] if args.ema_decay else None
+        self.ema_updates, self.bad_steps, self.stop_requested = 0, 0, False
+        self.val_cache, self.latent_cache, self.text_cache = None, None, None
+        self.start = 1
+        if state is not None:
+            self.load_state(state)
+        if args.cache_latents:
+            self.build_caches()
+
+    # --- setup -----------------------------------------------------------------------------------------------
+
+    def print(self, *a):
+        if self.rank == 0:
+            tqdm.write(" ".join(map(str, a)))
+
+    def merge_args(self, saved: dict, given: argparse.Namespace, explicit: set[str]) -> argparse.Namespace:
+        """The run's saved settings, overridden by the flags given now (e.g. a larger --steps)."""
+        args = argparse.Namespace(**saved)
+        for k in explicit:
+            if k in ORDER_ARGS and saved.get(k) != getattr(given, k):
+                self.print(f"warning: --{k.replace('_', '-')} changed on resume; the run no longer repeats exactly")
+            setattr(args, k, getattr(given, k))
+        if "steps" in explicit:
+            args.epochs = None
+        if "epochs" in explicit:
+            args.steps = None
+        args.resume = True
+        return args
+
+    def build_model(self, args) -> ldm.LatentDiffusion:
+        if args.ckpt:  # fp32 master weights on the CPU first, then moved
+            return ldm.load_model(args.ckpt, device="cpu", dtype=torch.float32, prediction_type=args.prediction_type)
+        torch.manual_seed(args.seed)  # from-scratch weights are a function of the seed (resume rebuilds them)
+        cfg = dict(ldm.PRESETS[args.config])
+        vae = None
+        if args.vae:
+            vae = vae_lib.load_autoencoder(args.vae, device="cpu", dtype=torch.float32)
+            unet_cfg = unet_lib.PRESETS[cfg["unet"]]
+            cfg.update(vae=asdict(vae.cfg), scale_factor=vae.scale_factor,
+                       unet=asdict(replace(unet_cfg, in_channels=vae.cfg.embed_dim, out_channels=vae.cfg.embed_dim)))
+        model = ldm.build_model(cfg, prediction_type=args.prediction_type)
+        if vae is not None:
+            model.vae = vae
+        return model
+
+    def fill_defaults(self, args):
+        kind = "tiny" if self.model.unet.cfg.model_channels < 320 else "sd"
+        for k, v in DEFAULTS[kind].items():
+            if getattr(args, k, None) is None and not (k == "steps" and args.epochs):
+                setattr(args, k, SCRATCH_SD_LR if k == "lr" and kind == "sd" and not args.ckpt else v)
+        args.resolution = args.resolution or self.model.resolution
+        if args.resolution % self.model.downsample_factor:
+            raise SystemExit(f"error: --resolution must be a multiple of {self.model.downsample_factor}")
+        if args.precision is None:
+            args.precision = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+    @torch.no_grad()
+    def encode_posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [B, 3, H, W] -> the VAE posterior's (mean, std), unscaled, float32 (std 0 for a VQ model: LDM
+        trains on its pre-quantisation output). bf16 autocast only: the SD VAE overflows in fp16."""
+        with self.autocast(self.amp_dtype == torch.bfloat16):
+            d = self.model.vae.encode(x.to(self.device))
+        if isinstance(d, vae_lib.DiagonalGaussianDistribution):
+            return d.mean.float(), d.std.float()
+        return d.float(), torch.zeros_like(d, dtype=torch.float32)
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        return self.model.text_encoder(self.model.tokenizer(captions).to(self.device)).float()
+
+    def build_caches(self):
+        """Posterior (mean, std) of every training image (and of its mirror image with --flip), and, while the text
+        encoder is frozen, the context of every distinct caption. Kept on the CPU; each step indexes them."""
+        self.print(f"caching latents of {len(self.items)} images")
+        loader = torch.utils.data.DataLoader(ImageDataset(self.items, self.args.resolution, self.args.seed),
+                                             sampler=[(i, 0) for i in range(len(self.items))],
+                                             batch_size=self.args.batch_size, collate_fn=collate,
+                                             num_workers=self.args.num_workers, worker_init_fn=_worker_init)
+        means, stds = [], []
+        for _, x in tqdm(loader, disable=self.no_bar, desc="caching latents", leave=False):
+            views = [x, x.flip(-1)] if self.args.flip else [x]
+            moments = [self.encode_posterior(v) for v in views]
+            means.append(torch.stack([m for m, _ in moments], 1).cpu())  # (B, views, C, h, w)
+            stds.append(torch.stack([s for _, s in moments], 1).cpu())
+        self.latent_cache = torch.cat(means), torch.cat(stds)
+        if not self.args.train_text_encoder:
+            captions = list(dict.fromkeys([""] + [c for _, c in self.items]))
+            self.caption_id = {c: i for i, c in enumerate(captions)}
+            self.text_cache = torch.cat([self.encode_text(captions[i:i + 256]).cpu()
+                                         for i in range(0, len(captions), 256)])
+
+    @property
+    def no_bar(self) -> bool:
+        return self.rank != 0 or self.args.no_progress
+
+    def make_batches(self, start: int):
+        """Iterator over this rank's micro-batches (index, image) from step `start` (None with cached latents)."""
+        if self.args.cache_latents:
+            return None
+        sampler = StepSampler(len(self.items), self.args.batch_size, self.world, self.rank, self.args.grad_accum,
+                              self.args.seed, start, self.total)
+        return iter(torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.args.num_workers,
+            pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init))
+
+    def autocast(self, enabled: bool = True):
+        if self.amp_dtype is None or not enabled:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # --- one step --------------------------------------------------------------------------------------------
+
+    def step_randomness(self, step: int) -> dict[str, torch.Tensor]:
+        """Everything random in a step, drawn for the whole global batch from a (seed, step) generator; rank r and
+        micro-batch m take the rows sampler.micro_slice(m, r)."""
+        g, G, T = step_generator(self.args.seed, step), self.global_batch, len(self.model.alphas_cumprod)
+        C, h, w = self.latent_shape
+        return dict(t=torch.randint(0, T, (G,), generator=g), noise=torch.randn(G, C, h, w, generator=g),
+                    posterior=torch.randn(G, C, h, w, generator=g), offset=torch.randn(G, C, 1, 1, generator=g),
+                    drop=torch.rand(G, generator=g))
+
+    def micro_batch(self, step: int, m: int, rnd: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+        """(z0 scaled, noise, t, cond) of micro-batch m on this rank."""
+        sl, dev = self.sampler.micro_slice(m, self.rank), self.device
+        if self.latent_cache is not None:
+            idx, epoch = self.sampler.global_batch(step)
+            idx = torch.as_tensor(idx[sl])
+            flips = [int(np.random.default_rng([self.args.seed, epoch, int(i)]).random() < 0.5)
+                     if self.args.flip else 0 for i in idx]  # the draw load_image makes for its flip
+            view = torch.tensor(flips)
+            mean, std = self.latent_cache[0][idx, view].to(dev), self.latent_cache[1][idx, view].to(dev)
+        else:
+            if self.batches is None:
+                self.batches = self.make_batches(step)
+            idx, x = next(self.batches)
+            mean, std = self.encode_posterior(x)
+        z0 = (mean + std * rnd["posterior"][sl].to(dev)) * self.model.scale_factor
+        noise = (rnd["noise"][sl] + self.args.noise_offset * rnd["offset"][sl]).to(dev)
+        keep = (rnd["drop"][sl] >= self.args.uncond_prob).tolist()
+        captions = [self.items[int(i)][1] if k else "" for i, k in zip(idx, keep)]
+        if self.args.train_text_encoder:
+            cond = self.model.tokenizer(captions).to(dev)
+        elif self.text_cache is not None:
+            cond = self.text_cache[torch.tensor([self.caption_id[c] for c in captions])].to(dev)
+        else:
+            cond = self.encode_text(captions)
+        return z0, noise, rnd["t"][sl].to(dev), cond
+
+    def forward_backward(self, step: int) -> torch.Tensor:
+        """Gradients of step `step` accumulated into .grad (synced over ranks); returns the global-batch loss."""
+        rnd, accum = self.step_randomness(step), self.args.grad_accum
+        losses = []
+        for m in range(accum):
+            z0, noise, t, cond = self.micro_batch(step, m, rnd)
+            sync = self.ddp.no_sync() if self.world > 1 and m < accum - 1 else nullcontext()
+            with sync:
+                with self.autocast():
+                    loss = diffusion_loss(self.model, self.ddp, z0, noise, t, cond, self.args.snr_gamma)
+                scaled = loss / accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            losses.append(loss.detach().float())
+        loss = torch.stack(losses).mean()
+        if self.world > 1:
+            dist.all_reduce(loss)
+            loss /= self.world
+        return loss
+
+    def optimizer_step(self, step: int, loss: float) -> tuple[bool, float]:
+        """(applied, grad norm). A non-finite loss or gradient skips the update (GradScaler does this in fp16)."""
+        lr = lr_at(step, self.args.lr, self.args.warmup_steps, self.total, self.args.lr_schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip or float("inf")).item()
+        applied = math.isfinite(loss) and math.isfinite(norm)
+        if self.scaler:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            applied = applied and self.scaler.get_scale() >= scale  # the scale drops exactly when a step is skipped
+        elif applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if applied and self.ema is not None:
+            n = self.ema_updates
+            decay = min(self.args.ema_decay, (1 + n) / (10 + n))  # warm-up: early weights are averaged less
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self.model.unet.parameters()], 1 - decay)
+            self.ema_updates += 1
+        return applied, norm
+
+    # --- state -----------------------------------------------------------------------------------------------
+
+    def state_dict(self, step: int) -> dict:
+        model, args = self.model, self.args
+        epoch, epoch_step = divmod(step, self.sampler.steps_per_epoch)
+        state = dict(step=step, epoch=epoch, epoch_step=epoch_step, images_seen=step * self.global_batch,
+                     unet=model.unet.state_dict(), optimizer=self.optimizer.state_dict(),
+                     scaler=self.scaler.state_dict() if self.scaler else {}, ema_updates=self.ema_updates,
+                     lr_schedule=dict(name=args.lr_schedule, lr=args.lr, warmup_steps=args.warmup_steps,
+                                      total=self.total, last_lr=self.optimizer.param_groups[0]["lr"]),
+                     rng=rng_state(), args=vars(args), world_size=self.world,
+                     model_config=json.dumps(model.model_config()))
+        if self.ema is not None:
+            state["ema"] = dict(zip(model.unet.state_dict().keys(), self.ema))
+        # parts with no file to reload them from (trained, or random from-scratch weights) travel in the checkpoint
+        if args.train_text_encoder or not args.ckpt:
+            state["text_encoder"] = model.text_encoder.state_dict()
+        if not args.ckpt and not args.vae:
+            state["vae"] = model.vae.state_dict()
+        return state
+
+    def load_state(self, state: dict):
+        model = self.model
+        model.unet.load_state_dict(state["unet"])
+        for name in ("text_encoder", "vae"):
+            if name in state:
+                getattr(model, name).load_state_dict(state[name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and "ema" in state:
+            for e, v in zip(self.ema, state["ema"].values()):
+                e.copy_(v)
+        self.ema_updates = state["ema_updates"]
+        set_rng_state(state["rng"])
+        if state["world_size"] != self.world:
+            self.print(f"warning: resuming a {state['world_size']}-process run on {self.world}; the data order changes")
+        self.start = state["step"] + 1
+
+    def save(self, step: int):
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(self.out / f"ckpt-{step:07d}.pt", self.state_dict(step))
+            for old in list_checkpoints(self.out)[self.args.keep:]:
+                old.unlink(missing_ok=True)
+            draw_loss_curve(self.out / "log.jsonl", self.out / "loss.png")
+        if self.world > 1:
+            dist.barrier()
+
+    @contextmanager
+    def ema_weights(self):
+        """Temporarily swap the EMA weights into the U-Net (tensor swap, so restoring is exact)."""
+        params = list(self.model.unet.parameters())
+        if self.ema is not None:
+            for p, e in zip(params, self.ema):
+                p.data, e.data = e.data, p.data
+        try:
+            yield
+        finally:
+            if self.ema is not None:
+                for p, e in zip(params, self.ema):
+                    p.data, e.data = e.data, p.data
+
+    def export(self, path: Path):
+        weights = None
+        if self.ema is not None and self.args.export_weights == "ema":
+            weights = dict(zip(self.model.unet.state_dict().keys(), self.ema))
+        ldm.save_safetensors(path, export_tensors(self.model, weights), export_config(self.model))
+
+    # --- progress --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean loss over the held-out images at fixed timesteps (spread over 0..999) and fixed noise."""
+        if not self.val_items:
+            return None
+        model, bs = self.model, self.args.batch_size
+        if self.val_cache is None:
+            x = [load_image(p, self.args.resolution) for p, _ in self.val_items]
+            z0 = torch.cat([self.encode_posterior(torch.stack(x[i:i + bs]))[0] for i in range(0, len(x), bs)])
+            g = step_generator(self.args.seed, 0)  # training steps count from 1: step 0's stream is free
+            t = torch.linspace(0, len(model.alphas_cumprod) - 1, len(x)).round().long()
+            self.val_cache = z0 * model.scale_factor, torch.randn(z0.shape, generator=g).to(self.device), t
+        z0, noise, t = self.val_cache
+        captions = [c for _, c in self.val_items]
+        model.eval()
+        total = 0.0
+        for i in range(0, len(z0), bs):
+            ctx = self.encode_text(captions[i:i + bs])
+            with self.autocast():
+                loss = diffusion_loss(model, model.unet, z0[i:i + bs], noise[i:i + bs], t[i:i + bs].to(self.device),
+                                      ctx)
+            total += loss.item() * len(ctx)
+        model.unet.train()
+        model.text_encoder.train(self.args.train_text_encoder)
+        return total / len(z0)
+
+    @torch.no_grad()
+    def sample_grid(self, step: int):
+        model = self.model
+        model.eval()
+        with self.ema_weights(), self.autocast():
+            images = ldm.sample(model, self.prompts, steps=self.args.sample_steps,
+                                guidance_scale=self.args.sample_cfg, seed=self.args.seed,
+                                height=self.args.resolution, width=self.args.resolution, progress=False)
+        model.unet.train()
+        model.text_encoder.train(self.args.train_text_encoder)
+        (self.out / "samples").mkdir(parents=True, exist_ok=True)
+        image_grid(images).save(self.out / "samples" / f"step-{step:07d}.png")
+
+    def log(self, record: dict):
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def truncate_log(self):
+        """Drop log lines past the step training restarts from (they were written after the last checkpoint)."""
+        path = self.out / "log.jsonl"
+        if self.start == 1 or not path.exists():
+            path.unlink(missing_ok=True)
+            return
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] < self.start]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+    # --- the loop --------------------------------------------------------------------------------------------
+
+    def request_stop(self, signum, frame):
+        if self.stop_requested:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        self.print(f"\n{signal.Signals(signum).name}: finishing this step, saving, then exiting "
+                   "(again to abort without saving)")
+
+    def stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop (all ranks must leave the loop after the same step)."""
+        if self.world == 1:
+            return self.stop_requested
+        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+        dist.all_reduce(flag)
+        return flag.item() > 0
+
+    def run(self):
+        args, out = self.args, self.out
+        if self.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            self.truncate_log()
+        if self.start > self.total:
+            self.print(f"already at step {self.start - 1} of {self.total}")
+            return self.finish(self.start - 1)
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.batches = self.make_batches(self.start)
+        bar = tqdm(total=self.total, initial=self.start - 1, disable=self.no_bar, dynamic_ncols=True, unit="step")
+        try:
+            tick = time.perf_counter()
+            for step in range(self.start, self.total + 1):
+                loss = self.forward_backward(step).item()
+                applied, norm = self.optimizer_step(step, loss)
+                now = time.perf_counter()
+                ips, tick = self.global_batch / (now - tick), now
+                self.bad_steps = 0 if math.isfinite(loss) else self.bad_steps + 1
+                lr = self.optimizer.param_groups[0]["lr"]
+                if self.rank == 0:
+                    self.log(dict(step=step, epoch=(step - 1) // self.sampler.steps_per_epoch,
+                                  loss=loss if math.isfinite(loss) else None, lr=lr,
+                                  grad_norm=norm if math.isfinite(norm) else None, images_per_s=round(ips, 3),
+                                  applied=applied))
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}", refresh=False)
+                    bar.update(1)
+                if self.bad_steps >= args.max_bad_steps:
+                    self.save(step)
+                    raise SystemExit(f"error: the loss was not finite for {self.bad_steps} steps in a row (step "
+                                     f"{step}); saved the last good weights. Lower --lr, or use --precision bf16/fp32")
+                if args.val_every and step % args.val_every == 0 and self.rank == 0:
+                    val = self.validate()
+                    if val is not None:
+                        self.log(dict(step=step, val_loss=val))
+                        bar.write(f"step {step}: val loss {val:.4f}")
+                if args.sample_every and step % args.sample_every == 0 and self.rank == 0:
+                    self.sample_grid(step)
+                stop = self.stop_agreed()
+                if stop or step % args.save_every == 0 or step == self.total:
+                    self.save(step)
+                if stop:
+                    self.print(f"stopped at step {step}; continue with --resume")
+                    return
+                tick += time.perf_counter() - now  # validation, samples and saves do not count against images/s
+            self.finish(self.total)
+        finally:
+            bar.close()
+            self.batches = None
+            for s, h in handlers.items():
+                signal.signal(s, h)
+
+    def finish(self, step: int):
+        """Export final.safetensors (EMA U-Net by default), a last sample grid and the loss curve."""
+        if self.rank == 0:
+            self.export(self.out / "final.safetensors")
+            if not (self.args.sample_every and step % self.args.sample_every == 0):
+                self.sample_grid(step)
+            draw_loss_curve(self.out / "log.jsonl", self.out / "loss.png")
+            self.print(f"wrote {self.out / 'final.safetensors'}")
+        if self.world > 1:
+            dist.barrier()
+
+
+def _worker_init(_):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the main process, which stops cleanly
+
+
+def main(argv: list[str] = None):
+    args, explicit = parse_args(argv)
+    trainer = Trainer(args, explicit)
+    try:
+        trainer.run()
+    finally:
+        if trainer.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
