@@ -840,14 +840,15 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str = None, progress:
     except OSError as e:
         raise DownloadError(f"cannot create {dest.parent}: {e.strerror or e}") from None
     for attempt in range(1, attempts + 1):
+        before = part.stat().st_size if part.exists() else 0
         try:
             size = _fetch_into(url, part, progress, timeout)
             if size is None or part.stat().st_size >= size:
                 break
         except (OSError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts, cut connections
             reason = e.reason if type(e) is urllib.error.URLError else e  # e.g. "[Errno 111] Connection refused"
-            if attempt == attempts:
-                got = part.stat().st_size if part.exists() else 0
+            got = part.stat().st_size if part.exists() else 0
+            if attempt == attempts or got <= before:  # retry only a connection that was delivering bytes
                 raise DownloadError(f"download of {url} failed: {reason or type(e).__name__}"
                                     + (f"; {got} bytes kept in {part}, run again to resume" if got else "")) from None
     else:

@@ -280,7 +280,7 @@ def generate(model: ldm.LatentDiffusion, jobs: list[Job], init: torch.Tensor = N
         start_step = job.steps - min(int(job.steps * job.strength), job.steps)
         t = ldm.ddim_timesteps(job.steps, len(model.alphas_cumprod))[job.steps - 1 - start_step]
         latents = model.add_noise(z0, latents, torch.tensor([t])) if start_step < job.steps else z0
-    # eta > 0 draws fresh noise every step from one generator: main() then runs one image per batch
+    # eta > 0 draws fresh noise every step from one generator: run_generate then makes one image per batch
     x = ldm.ddim_sample(model, latents.to(model.device, model.dtype), context, uncond, steps=job.steps,
                         guidance_scale=job.cfg, eta=job.eta, generator=generators[0], start_step=start_step,
                         progress=progress)
@@ -389,10 +389,10 @@ def main(argv: list[str] = None) -> int:
     except (CliError, ldm.CheckpointError) as e:
         message = str(e)
     except RuntimeError as e:
-        if "out of memory" not in str(e).lower():
+        if not any(s in str(e).lower() for s in ("out of memory", "can't allocate memory")):
             raise
-        message = (f"out of {args.device if args.device != 'auto' else 'GPU'} memory; try --dtype fp16, a smaller "
-                   "--width/--height, or --batch-size 1")
+        message = (f"out of {args.device if args.device != 'auto' else 'device'} memory ({str(e).splitlines()[0]}); "
+                   "try --dtype fp16, a smaller --width/--height, or --batch-size 1")
     print("error: " + " ".join(message.split()), file=sys.stderr)  # always one line
     return 2
 

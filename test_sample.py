@@ -381,6 +381,22 @@ def test_download_resumes_within_one_call(tmp_path, server, payload):
     assert dest.read_bytes() == payload and len(server.ranges) == 2
 
 
+def test_complete_part_file_is_verified_and_renamed(tmp_path, server, payload):
+    (tmp_path / "m.safetensors.part").write_bytes(payload)  # e.g. stopped between the last byte and the rename
+    dest = ldm.download(server.url, tmp_path / "m.safetensors", sha256=hashlib.sha256(payload).hexdigest(),
+                        progress=False)
+    assert server.ranges == [f"bytes={len(payload)}-"] and dest.read_bytes() == payload  # answered 416
+
+
+def test_out_of_memory_is_one_line_advice(tmp_path, ckpt, capsys, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+    monkeypatch.setattr(sample, "generate", oom)
+    rc, out, err = run_main(capsys, "a", "--ckpt", ckpt, "--out", tmp_path)
+    line = error_line(err)
+    assert rc == 2 and "Tried to allocate 2.00 GiB" in line and "--batch-size 1" in line and "--dtype fp16" in line
+
+
 def test_corrupt_download_is_rejected_and_removed(tmp_path, server, payload):
     with pytest.raises(ldm.DownloadError, match="sha256 mismatch.*deleted"):
         ldm.download(server.url, tmp_path / "m.safetensors", sha256="0" * 64, progress=False)
