@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 import ldm
 import vae as vae_lib
@@ -165,8 +165,9 @@ def read_image(path: Path, what: str) -> Image.Image:
 
 
 def image_tensor(im: Image.Image, width: int, height: int) -> torch.Tensor:
-    """PIL image -> [1, 3, H, W] in [-1, 1], resized to the output size."""
-    arr = np.asarray(im.convert("RGB").resize((width, height), Image.LANCZOS), dtype=np.float32)
+    """PIL image -> [1, 3, H, W] in [-1, 1], upright (EXIF orientation) and resized to the output size."""
+    arr = np.asarray(ImageOps.exif_transpose(im).convert("RGB").resize((width, height), Image.LANCZOS),
+                     dtype=np.float32)
     return torch.from_numpy(arr / 127.5 - 1).permute(2, 0, 1)[None]
 
 
