@@ -24,6 +24,16 @@ FAST = ["--resolution", "32", "--batch-size", "4", "--num-workers", "0", "--no-p
         "--sample-steps", "2", "--val-fraction", "0", "--save-every", "1000"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and spinning OpenMP threads slow down badly on a busy
+    machine; restored for the other test files."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_images(folder: Path, n: int, captions: str | None = "txt", size: int = 40) -> list[str]:
     """n synthetic images (a coloured square on a plain background, various sizes and modes) with captions in
     .txt files, a metadata.jsonl, or none."""
@@ -214,7 +224,8 @@ def test_sigint_finishes_the_step_saves_and_exits_0(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(HERE / "train.py"), "--data", str(tmp_path / "d"), "--out", str(out),
            "--steps", "100000"] + FAST
-    proc = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 60
     while not ((out / "log.jsonl").exists() and len(read_log(out)) >= 2) and time.time() < deadline:
         time.sleep(0.1)
@@ -279,6 +290,27 @@ def test_export_loads_and_samples(tmp_path):
     images = ldm.sample(model, ["a red square"], steps=2, seed=0, progress=False)
     assert images[0].size == (64, 64)  # the model's resolution (the tiny preset's)
     assert (out / "loss.png").exists() and list((out / "samples").glob("step-*.png"))
+
+
+def test_fine_tune_from_checkpoint_with_text_encoder_epochs_and_validation(tmp_path):
+    make_images(tmp_path / "d", 12)
+    base = ldm.build_model("tiny", prediction_type="v")
+    ldm.save_safetensors(tmp_path / "base.safetensors", train.export_tensors(base), train.export_config(base))
+    out = tmp_path / "out"
+    train.main(["--data", str(tmp_path / "d"), "--out", str(out), "--ckpt", str(tmp_path / "base.safetensors"),
+                "--train-text-encoder", "--epochs", "2", "--grad-checkpointing", "--precision", "bf16"]
+               + FAST + ["--val-fraction", "0.25", "--val-every", "2"])
+    log = read_log(out)
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]  # 9 training images, 4 a step: 2 steps an epoch
+    assert [r["step"] for r in log if "val_loss" in r] == [2, 4]
+    tuned = ldm.load_model(out / "final.safetensors", device="cpu")
+    assert tuned.prediction_type == "v" and not tuned.unet.cfg.use_checkpoint
+    for name in ("text_encoder", "unet"):
+        before, after = getattr(base, name).state_dict(), getattr(tuned, name).state_dict()
+        assert not all(torch.equal(before[k], after[k]) for k in before), name  # both were trained
+    assert all(torch.equal(base.vae.state_dict()[k], v) for k, v in tuned.vae.state_dict().items())  # frozen
+    ck = torch.load(train.list_checkpoints(out)[0], weights_only=True)
+    assert "text_encoder" in ck and "vae" not in ck  # the VAE reloads from --ckpt on resume
 
 
 def test_export_keys_are_the_public_sd1_layout():

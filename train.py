@@ -442,6 +442,7 @@ class Trainer:
                                    (args.device or ("cuda" if use_cuda else "cpu")))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 parts, e.g. the loss
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.out = Path(args.out)
