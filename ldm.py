@@ -14,12 +14,17 @@ IGNORED (known and deliberately dropped) or an error.
 """
 
 import contextlib
+import hashlib
+import http.client
 import json
 import math
 import mmap
 import os
 import pickle
 import struct
+import sys
+import urllib.error
+import urllib.request
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -708,12 +713,6 @@ def load_model(path: str | os.PathLike = None, *, device=None, dtype=None,
 
 # -----------------------------------------------------------------------------------------------------------------
 # Default weights: SD 1.5 (fp16 single file), downloaded once into a cache folder with urllib only
-
-import hashlib  # noqa: E402  (kept beside the only code that uses them)
-import http.client  # noqa: E402
-import sys  # noqa: E402
-import urllib.error  # noqa: E402
-import urllib.request  # noqa: E402
 
 DEFAULT_MODEL_URL = ("https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
                      "v1-5-pruned-emaonly-fp16.safetensors")
