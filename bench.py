@@ -82,7 +82,9 @@ def bench_sample(args):
     else:
         path = Path(args.workdir) / "sd15-random-float16.safetensors"
         make_random_checkpoint(path, dtype=torch.float16)
+        t = time.time()
         model = ldm.load_model(path, device=device, dtype=dtype, prediction_type="eps")
+        print(f"load_model {path.name} -> {device} {dtype}: {time.time() - t:.2f} s")
     size = args.size or model.resolution
     for batch in (1, 4):
         prompts = ["a photograph of an astronaut riding a horse"] * batch
@@ -91,7 +93,9 @@ def bench_sample(args):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t = time.time()
-        images = ldm.sample(model, prompts, steps=args.steps, height=size, width=size, seed=0, progress=False)
+        images = ldm.sample(model, prompts, steps=args.steps, height=size, width=size, seed=0, progress=False,
+                            output_type="tensor")
+        images = ldm.to_pil(images) if torch.isfinite(images).all() else exit(f"non-finite pixels in {dtype}")
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.time() - t
