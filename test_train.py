@@ -339,7 +339,7 @@ def _ddp_worker(rank: int, world: int, port: int, argv: list[str], grads_path: s
 
 
 def test_two_process_ddp_matches_single_process_gradient(tmp_path):
-    make_images(tmp_path / "d", 8)
+    make_images(tmp_path / "d", 8, captions="jsonl")
     base = ["--data", str(tmp_path / "d"), "--steps", "2", "--uncond-prob", "0.5"] + FAST
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -52,15 +52,21 @@ SCRATCH_SD_LR = 1e-4  # from-scratch SD-sized runs (LDM's text-to-image rate) ra
 ORDER_ARGS = ("data", "seed", "batch_size", "grad_accum", "resolution", "val_fraction", "random_crop", "flip")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help, except None and off switches (their help says what happens without them)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     a = p.add_argument
     a("--data", required=True, help="image folder (recursive; same-named .txt captions or a metadata.jsonl)")
     a("--out", required=True, help="run folder: checkpoints, log.jsonl, loss.png, samples/, final.safetensors")
     a("--ckpt", help="start from this SD/LDM checkpoint (.safetensors/.ckpt or diffusers folder): fine-tuning")
     a("--config", choices=sorted(ldm.PRESETS), default="tiny", help="model preset when training from scratch")
-    a("--vae", help="autoencoder file for a from-scratch model (default: the preset's, randomly initialised)")
+    a("--vae", help="autoencoder file (default: --ckpt's, or for --config the preset's, randomly initialised)")
     a("--prediction-type", choices=["eps", "v"], help="override the model's prediction type")
     a("--resume", action="store_true", help="continue from the latest loadable checkpoint in --out")
     a("--train-text-encoder", action="store_true", help="train the text encoder too (else frozen)")
@@ -85,7 +91,7 @@ def make_parser() -> argparse.ArgumentParser:
     a("--snr-gamma", type=float, help="min-SNR loss weighting with this gamma (e.g. 5)")
     a("--noise-offset", type=float, default=0.0, help="add this times per-channel constant noise")
     a("--seed", type=int, default=0, help="seed of data order, noise, augmentation and from-scratch weights")
-    a("--num-workers", type=int, default=4, help="data loading processes per GPU")
+    a("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data loading processes per GPU")
     a("--device", help="cpu or cuda (default: cuda if available)")
     a("--save-every", type=int, help="checkpoint every N steps (default: 500 tiny, 1000 SD)")
     a("--keep", type=int, default=3, help="number of checkpoints kept")
@@ -540,7 +546,10 @@ class Trainer:
 
     def build_model(self, args) -> ldm.LatentDiffusion:
         if args.ckpt:  # fp32 master weights on the CPU first, then moved
-            return ldm.load_model(args.ckpt, device="cpu", dtype=torch.float32, prediction_type=args.prediction_type)
+            model = ldm.load_model(args.ckpt, device="cpu", dtype=torch.float32, prediction_type=args.prediction_type)
+            if args.vae:  # e.g. a fine-tuned SD VAE in place of the checkpoint's own
+                model.vae = vae_lib.load_autoencoder(args.vae, device="cpu", dtype=torch.float32)
+            return model
         torch.manual_seed(args.seed)  # from-scratch weights are a function of the seed (resume rebuilds them)
         cfg = dict(ldm.PRESETS[args.config])
         vae = None
