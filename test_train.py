@@ -344,7 +344,7 @@ def test_two_process_ddp_matches_single_process_gradient(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    two = base + ["--out", str(tmp_path / "ddp"), "--batch-size", "2"]
+    two = base + ["--out", str(tmp_path / "ddp"), "--batch-size", "1", "--grad-accum", "2"]  # 2 ranks x 2 x 1
     mp.spawn(_ddp_worker, args=(2, port, two, str(tmp_path / "grads.pt")), nprocs=2, join=True)
     single = train.Trainer(*train.parse_args(base + ["--out", str(tmp_path / "one"), "--batch-size", "4"]))
     single.forward_backward(1)

@@ -8,9 +8,9 @@ with target = eps, or v = sqrt(a_t) eps - sqrt(1 - a_t) z0 for v-prediction mode
     python train.py --data my_images/ --out runs/cats --resume          # after a crash or Ctrl-C
     torchrun --nproc_per_node 8 train.py --data my_images/ --ckpt ... --out runs/big
 
-Everything random is a function of (--seed, step): each epoch is a permutation seeded by (seed, epoch), each step's
-timesteps and noise come from a generator seeded by (seed, step) over the whole global batch (every rank takes its
-slice), and augmentations from (seed, epoch, image). So a resumed run repeats the uninterrupted one exactly, and N
+Everything random is a function of (--seed, step): each epoch is a permutation seeded by (seed, epoch), the timestep
+and noise of the sample at position p of a step's global batch come from a generator seeded by (seed, step, p), and
+augmentations from (seed, epoch, image). So a resumed run repeats the uninterrupted one exactly, and N
 ranks compute the gradient of the same global batch as one process would.
 """
 
@@ -630,18 +630,21 @@ class Trainer:
 
     # --- one step --------------------------------------------------------------------------------------------
 
-    def step_randomness(self, step: int) -> dict[str, torch.Tensor]:
-        """Everything random in a step, drawn for the whole global batch from a (seed, step) generator; rank r and
-        micro-batch m take the rows sampler.micro_slice(m, r)."""
-        g, G, T = step_generator(self.args.seed, step), self.global_batch, len(self.model.alphas_cumprod)
-        C, h, w = self.latent_shape
-        return dict(t=torch.randint(0, T, (G,), generator=g), noise=torch.randn(G, C, h, w, generator=g),
-                    posterior=torch.randn(G, C, h, w, generator=g), offset=torch.randn(G, C, 1, 1, generator=g),
-                    drop=torch.rand(G, generator=g))
+    def randomness(self, step: int, positions: range) -> dict[str, torch.Tensor]:
+        """Everything random about the samples at `positions` of a step's global batch, each from a generator seeded
+        by (seed, step, position): the same numbers whichever rank and micro-batch a sample lands on."""
+        T, shape, draws = len(self.model.alphas_cumprod), self.latent_shape, []
+        for p in positions:
+            g = step_generator(self.args.seed, step, p)
+            draws.append(dict(t=torch.randint(0, T, (1,), generator=g), noise=torch.randn(1, *shape, generator=g),
+                              posterior=torch.randn(1, *shape, generator=g),
+                              offset=torch.randn(1, shape[0], 1, 1, generator=g), drop=torch.rand(1, generator=g)))
+        return {k: torch.cat([d[k] for d in draws]) for k in draws[0]}
 
-    def micro_batch(self, step: int, m: int, rnd: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
-        """(z0 scaled, noise, t, cond) of micro-batch m on this rank."""
+    def micro_batch(self, step: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z0 scaled, noise, t, cond: context or tokens) of micro-batch m of `step` on this rank."""
         sl, dev = self.sampler.micro_slice(m, self.rank), self.device
+        rnd = self.randomness(step, range(sl.start, sl.stop))
         if self.latent_cache is not None:
             idx, epoch = self.sampler.global_batch(step)
             idx = torch.as_tensor(idx[sl])
@@ -654,9 +657,9 @@ class Trainer:
                 self.batches = self.make_batches(step)
             idx, x = next(self.batches)
             mean, std = self.encode_posterior(x)
-        z0 = (mean + std * rnd["posterior"][sl].to(dev)) * self.model.scale_factor
-        noise = (rnd["noise"][sl] + self.args.noise_offset * rnd["offset"][sl]).to(dev)
-        keep = (rnd["drop"][sl] >= self.args.uncond_prob).tolist()
+        z0 = (mean + std * rnd["posterior"].to(dev)) * self.model.scale_factor
+        noise = (rnd["noise"] + self.args.noise_offset * rnd["offset"]).to(dev)
+        keep = (rnd["drop"] >= self.args.uncond_prob).tolist()
         captions = [self.items[int(i)][1] if k else "" for i, k in zip(idx, keep)]
         if self.args.train_text_encoder:
             cond = self.model.tokenizer(captions).to(dev)
@@ -664,14 +667,13 @@ class Trainer:
             cond = self.text_cache[torch.tensor([self.caption_id[c] for c in captions])].to(dev)
         else:
             cond = self.encode_text(captions)
-        return z0, noise, rnd["t"][sl].to(dev), cond
+        return z0, noise, rnd["t"].to(dev), cond
 
     def forward_backward(self, step: int) -> torch.Tensor:
         """Gradients of step `step` accumulated into .grad (synced over ranks); returns the global-batch loss."""
-        rnd, accum = self.step_randomness(step), self.args.grad_accum
-        losses = []
+        accum, losses = self.args.grad_accum, []
         for m in range(accum):
-            z0, noise, t, cond = self.micro_batch(step, m, rnd)
+            z0, noise, t, cond = self.micro_batch(step, m)
             sync = self.ddp.no_sync() if self.world > 1 and m < accum - 1 else nullcontext()
             with sync:
                 with self.autocast():
