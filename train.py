@@ -93,8 +93,8 @@ def make_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=0, help="seed of data order, noise, augmentation and from-scratch weights")
     a("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="data loading processes per GPU")
     a("--device", help="cpu or cuda (default: cuda if available)")
-    a("--save-every", type=int, help="checkpoint every N steps (default: 500 tiny, 1000 SD)")
-    a("--keep", type=int, default=3, help="number of checkpoints kept")
+    a("--save-every", type=int, help="checkpoint every N steps, 0: only at the end (default: 500 tiny, 1000 SD)")
+    a("--keep", type=int, default=3, help="number of checkpoints kept (at least 1)")
     a("--sample-every", type=int, help="sample grid every N steps, 0: only at the end (default: 250 tiny, 1000 SD)")
     a("--sample-prompts", nargs="+", help="prompts of the sample grid (default: 4 captions from the data)")
     a("--sample-steps", type=int, default=25, help="DDIM steps of the sample grid")
@@ -179,11 +179,11 @@ def load_image(path: Path, resolution: int, rng: np.random.Generator = None, ran
     return x / 127.5 - 1.0
 
 
-def check_images(items: list[tuple[Path, str]]) -> tuple[list[tuple[Path, str]], list[Path]]:
+def check_images(items: list[tuple[Path, str]], progress: bool = False) -> tuple[list[tuple[Path, str]], list[Path]]:
     """(readable items, unreadable paths): a cheap header/CRC check before training, so a bad file is reported
     up front instead of failing mid-run."""
     good, bad = [], []
-    for path, caption in items:
+    for path, caption in tqdm(items, desc="checking images", disable=not progress, leave=False):
         try:
             with Image.open(path) as im:
                 im.verify()
@@ -466,7 +466,7 @@ class Trainer:
         if args.cache_latents and args.random_crop:
             raise SystemExit("error: --random-crop needs the images at every step; drop it or --cache-latents")
         items, has_captions = find_images(args.data)  # before building anything: a bad folder fails fast
-        items, bad = check_images(items)
+        items, bad = check_images(items, progress=self.rank == 0 and not args.no_progress)
         if bad:
             self.print(f"skipped {len(bad)} unreadable image{'s' * (len(bad) > 1)}: "
                        + ", ".join(p.name for p in bad[:5]) + (", ..." if len(bad) > 5 else ""))
@@ -532,7 +532,7 @@ class Trainer:
 
     def merge_args(self, saved: dict, given: argparse.Namespace, explicit: set[str]) -> argparse.Namespace:
         """The run's saved settings, overridden by the flags given now (e.g. a larger --steps)."""
-        args = argparse.Namespace(**saved)
+        args = argparse.Namespace(**{**vars(given), **saved})  # settings newer than the checkpoint: defaults
         for k in explicit:
             if k in ORDER_ARGS and saved.get(k) != getattr(given, k):
                 self.print(f"warning: --{k.replace('_', '-')} changed on resume; the run no longer repeats exactly")
@@ -754,7 +754,7 @@ class Trainer:
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             save_checkpoint(self.out / f"ckpt-{step:07d}.pt", self.state_dict(step))
-            for old in list_checkpoints(self.out)[self.args.keep:]:
+            for old in list_checkpoints(self.out)[max(1, self.args.keep):]:
                 old.unlink(missing_ok=True)
             draw_loss_curve(self.out / "log.jsonl", self.out / "loss.png")
         if self.world > 1:
@@ -892,7 +892,7 @@ class Trainer:
                 if args.sample_every and step % args.sample_every == 0 and self.rank == 0:
                     self.sample_grid(step)
                 stop = self.stop_agreed()
-                if stop or step % args.save_every == 0 or step == self.total:
+                if stop or (args.save_every and step % args.save_every == 0) or step == self.total:
                     self.save(step)
                 if stop:
                     self.print(f"stopped at step {step}; continue with --resume")
