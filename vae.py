@@ -281,6 +281,10 @@ class _FirstStage(nn.Module):
     def config(self) -> AutoencoderConfig:  # the name LatentDiffusion reads; same object as .cfg
         return self.cfg
 
+    def get_last_layer(self) -> nn.Parameter:
+        """The decoder's output conv weight: where the GAN loss balances its gradient against reconstruction."""
+        return self.decoder.conv_out.weight
+
 
 class AutoencoderKL(_FirstStage):
     def __init__(self, cfg: AutoencoderConfig):
@@ -308,6 +312,13 @@ class AutoencoderKL(_FirstStage):
 
 # ----------------------------------------------------------------------------- VQ autoencoder
 
+def codebook_stats(indices: torch.Tensor, n_embed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perplexity, number of codes used) of a batch of code indices. Perplexity exp(H(p)) of the code frequencies
+    is n_embed when all codes are used equally and 1 when a single code is used."""
+    p = torch.bincount(indices.flatten(), minlength=n_embed).float() / indices.numel()
+    return torch.exp(-(p * torch.log(p + 1e-10)).sum()), (p > 0).sum()
+
+
 class VectorQuantizer(nn.Module):
     """Nearest-codebook quantiser with a straight-through gradient (taming-transformers VectorQuantizer2, legacy
     loss: ||sg[z_q] - z||^2 + beta ||z_q - sg[z]||^2)."""
@@ -318,18 +329,23 @@ class VectorQuantizer(nn.Module):
         self.embedding = nn.Embedding(n_embed, embed_dim)
         self.embedding.weight.data.uniform_(-1.0 / n_embed, 1.0 / n_embed)
 
-    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[None, None, torch.Tensor]]:
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, None, torch.Tensor]]:
         z = z.permute(0, 2, 3, 1).contiguous()  # (B, H, W, C)
         flat = z.reshape(-1, self.embed_dim)  # (BHW, C)
-        e = self.embedding.weight
-        # ||z - e||^2 = ||z||^2 + ||e||^2 - 2 z.e, computed for every code.
-        d = flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2.0 * flat @ e.t()
-        indices = d.argmin(dim=1)  # (BHW,)
+        indices = self.nearest(flat)  # (BHW,)
         z_q = self.embedding(indices).view(z.shape)
         loss = torch.mean((z_q.detach() - z) ** 2) + self.beta * torch.mean((z_q - z.detach()) ** 2)
         z_q = z + (z_q - z).detach()  # forward value z_q, gradient of identity back to z
-        # The reference returns perplexity and one-hot encodings as None; indices stay flat (B*H*W,).
-        return z_q.permute(0, 3, 1, 2).contiguous(), loss, (None, None, indices)
+        # As the reference's (perplexity, one-hot encodings, indices), without the one-hots; indices flat (B*H*W,).
+        perplexity = codebook_stats(indices, self.n_embed)[0]
+        return z_q.permute(0, 3, 1, 2).contiguous(), loss, (perplexity, None, indices)
+
+    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, C) vectors -> (N,) index of the nearest code."""
+        e = self.embedding.weight
+        # ||z - e||^2 = ||z||^2 + ||e||^2 - 2 z.e, computed for every code.
+        d = flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2.0 * flat @ e.t()
+        return d.argmin(dim=1)
 
     def get_codebook_entry(self, indices: torch.Tensor, shape: tuple[int, int, int] | None = None) -> torch.Tensor:
         """indices (B, H, W) or flat with shape=(B, H, W) -> codes (B, embed_dim, H, W)."""
@@ -362,9 +378,11 @@ class VQModel(_FirstStage):
         """indices (B, H, W) long -> image (B, out_ch, H*f, W*f)."""
         return self.decoder(self.post_quant_conv(self.quantize.get_codebook_entry(indices)))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        quant, emb_loss, _ = self.quantize(self.encode(x))
-        return self.decoder(self.post_quant_conv(quant)), emb_loss
+    def forward(self, x: torch.Tensor, return_pred_indices: bool = False):
+        """-> (reconstruction, codebook loss), plus the flat (B*h*w,) code indices with return_pred_indices."""
+        quant, emb_loss, (_, _, indices) = self.quantize(self.encode(x))
+        dec = self.decoder(self.post_quant_conv(quant))
+        return (dec, emb_loss, indices) if return_pred_indices else (dec, emb_loss)
 
 
 # ----------------------------------------------------------------------------- loading / conversion
@@ -516,3 +534,108 @@ def load_autoencoder(path: str | os.PathLike, *, device: torch.device | str | No
         model.scale_factor = float(metadata["scale_factor"])
     del state_dict
     return model.to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- training helpers
+
+class CodebookEMA:
+    """Codebook maintenance while training a VQModel; held by the trainer, so the model's state dict keeps exactly
+    the public keys (save `state_dict()` of this object beside the optimiser to resume exactly).
+
+    ema: codes follow an exponential moving average of the encoder outputs assigned to them (VQ-VAE / taming's
+    EMAVectorQuantizer: decay 0.99, Laplace-smoothed cluster sizes with eps 1e-5) instead of gradients; the codebook
+    weight is frozen for the optimiser.
+    restart_after: a code that no encoder output chose for that many consecutive updates is moved onto a random
+    encoder output of the current batch (its EMA statistics restart there too).
+    Under torch.distributed the counts and sums are all-reduced and restarted codes come from rank 0, so every rank
+    keeps the same codebook."""
+
+    def __init__(self, quantizer: VectorQuantizer, ema: bool = True, decay: float = 0.99, eps: float = 1e-5,
+                 restart_after: int | None = None):
+        self.quantizer, self.ema, self.decay, self.eps, self.restart_after = quantizer, ema, decay, eps, restart_after
+        w = quantizer.embedding.weight
+        # Cluster sizes start at 1 with the average equal to the code (not 0 as taming), so a code keeps its value
+        # until data reaches it instead of being divided by eps on the first update.
+        self.cluster_size = torch.ones(w.shape[0], device=w.device)
+        self.embed_avg = w.detach().float().clone()
+        self.unused_steps = torch.zeros(w.shape[0], dtype=torch.long, device=w.device)
+        if ema:
+            w.requires_grad_(False)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"cluster_size": self.cluster_size, "embed_avg": self.embed_avg, "unused_steps": self.unused_steps}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, value in state.items():
+            getattr(self, name).copy_(value)
+
+    @torch.no_grad()
+    def update(self, z: torch.Tensor, indices: torch.Tensor,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """One step after the forward pass: z is the quantiser input (B, C, h, w) (VQModel.encode), indices its flat
+        (B*h*w,) codes. Returns perplexity, codes used in the batch and codes restarted."""
+        import torch.distributed as dist
+
+        w = self.quantizer.embedding.weight
+        n_embed = w.shape[0]
+        for name, value in self.state_dict().items():  # follow the model when it moved after construction
+            setattr(self, name, value.to(w.device))
+        flat = z.detach().permute(0, 2, 3, 1).reshape(-1, w.shape[1]).float()  # (N, C)
+        counts = torch.bincount(indices, minlength=n_embed).float()  # (K,)
+        sums = torch.zeros(n_embed, w.shape[1], device=w.device).index_add_(0, indices, flat)  # (K, C)
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        if self.ema:
+            self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+            self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+            total = self.cluster_size.sum()
+            smoothed = (self.cluster_size + self.eps) / (total + n_embed * self.eps) * total  # Laplace smoothing
+            w.copy_(self.embed_avg / smoothed[:, None])
+        n_restarted = 0
+        if self.restart_after:
+            self.unused_steps = torch.where(counts > 0, 0, self.unused_steps + 1)
+            dead = torch.nonzero(self.unused_steps >= self.restart_after).squeeze(1)
+            n_restarted = dead.numel()
+            if n_restarted:
+                gen_device = generator.device if generator is not None else "cpu"
+                pick = torch.randint(flat.shape[0], (n_restarted,), generator=generator, device=gen_device)
+                new = flat[pick.to(flat.device)]
+                if distributed:
+                    dist.broadcast(new, 0)
+                w[dead] = new.to(w.dtype)
+                self.embed_avg[dead] = new
+                self.cluster_size[dead] = 1.0
+                self.unused_steps[dead] = 0
+        perplexity, used = codebook_stats(indices, n_embed)
+        return {"perplexity": perplexity, "codes_used": used, "codes_restarted": torch.tensor(n_restarted)}
+
+
+@torch.no_grad()
+def estimate_scale_factor(model: AutoencoderKL | VQModel, images, max_images: int = 1024,
+                          generator: torch.Generator | None = None) -> float:
+    """1 / std of the latents the diffusion model will see, pooled over up to max_images images (B, C, H, W) in
+    [-1, 1] from `images` (an iterable of batches, or of (images, ...) tuples): posterior samples for KL models,
+    the continuous encoder output before quantisation for VQ models (as LDM's scale_by_std, which uses
+    1 / z.flatten().std() of its first batch). Deterministic: samples use `generator` (default seed 0)."""
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    total = sq = torch.zeros((), dtype=torch.float64)
+    count = seen = 0
+    for batch in ([images] if isinstance(images, torch.Tensor) else images):
+        if seen >= max_images:
+            break
+        x = (batch[0] if isinstance(batch, (tuple, list)) else batch)[: max_images - seen]
+        latent = model.encode(x.to(param.device, param.dtype))
+        z = latent.sample(generator) if isinstance(latent, DiagonalGaussianDistribution) else latent
+        z = z.double().cpu()
+        total, sq = total + z.sum(), sq + z.pow(2).sum()
+        count, seen = count + z.numel(), seen + x.shape[0]
+    model.train(was_training)
+    if count < 2:
+        raise ValueError("estimate_scale_factor needs at least one image")
+    var = (sq - total * total / count) / (count - 1)  # unbiased, as torch.std
+    return float(1.0 / var.sqrt())
