@@ -219,7 +219,8 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, monkeypatch, 
     assert ck["step"] == 6 and ck["epoch"] == 6 // 2 and set(ck) >= {"unet", "ema", "optimizer", "rng", "args"}
 
 
-def test_sigint_finishes_the_step_saves_and_exits_0(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_finishes_the_step_saves_and_exits_0(tmp_path, sig):
     make_images(tmp_path / "d", 8)
     out = tmp_path / "out"
     cmd = [sys.executable, str(HERE / "train.py"), "--data", str(tmp_path / "d"), "--out", str(out),
@@ -229,7 +230,7 @@ def test_sigint_finishes_the_step_saves_and_exits_0(tmp_path):
     deadline = time.time() + 60
     while not ((out / "log.jsonl").exists() and len(read_log(out)) >= 2) and time.time() < deadline:
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
     (ckpt,) = train.list_checkpoints(out)

@@ -871,7 +871,9 @@ class Trainer:
                 applied, norm = self.optimizer_step(step, loss)
                 now = time.perf_counter()
                 ips, tick = self.global_batch / (now - tick), now
-                self.bad_steps = 0 if math.isfinite(loss) else self.bad_steps + 1
+                # fp16: GradScaler skips overflowing steps while it calibrates; only a non-finite loss counts there
+                bad = not math.isfinite(loss) or (not applied and self.scaler is None)
+                self.bad_steps = self.bad_steps + 1 if bad else 0
                 lr = self.optimizer.param_groups[0]["lr"]
                 if self.rank == 0:
                     self.log(dict(step=step, epoch=(step - 1) // self.sampler.steps_per_epoch,
@@ -894,7 +896,7 @@ class Trainer:
                 stop = self.stop_agreed()
                 if stop or (args.save_every and step % args.save_every == 0) or step == self.total:
                     self.save(step)
-                if stop:
+                if stop and step < self.total:
                     self.print(f"stopped at step {step}; continue with --resume")
                     return
                 tick += time.perf_counter() - now  # validation, samples and saves do not count against images/s
