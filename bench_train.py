@@ -22,6 +22,7 @@ def bench(config: str, device: torch.device, batch: int, resolution: int, precis
     torch.manual_seed(0)
     with torch.device(device):
         model = ldm.build_model(config)
+    model.to(device)  # the schedule buffer is made on the CPU whatever the default device
     model.vae.requires_grad_(False)
     model.text_encoder.requires_grad_(False)
     unet = model.unet.train()
