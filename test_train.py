@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from PIL import Image
+from PIL import Image, ImageOps
 
 import ldm
 import train
@@ -95,13 +95,10 @@ def test_image_modes_exif_and_crop(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     im.save(tmp_path / "rot.jpg", exif=exif, quality=100)
-    x = train.load_image(tmp_path / "rot.jpg", 16)  # resize short side 20 -> 16: 16x32, centre crop 16x16
+    x = train.load_image(tmp_path / "rot.jpg", 16)  # upright 20x40 -> 16x32 -> centre crop 16x16
     assert x.shape == (3, 16, 16) and -1 <= x.min() and x.max() <= 1
-    full = train.to_rgb(Image.open(tmp_path / "rot.jpg"))
-    assert full.size == (40, 20)  # without the transpose the file is landscape
-    rotated = np.asarray(train.to_rgb(__import__("PIL.ImageOps").ImageOps.exif_transpose(Image.open(tmp_path /
-                                                                                                      "rot.jpg"))))
-    assert rotated.shape[:2] == (40, 20) and rotated[:10].mean() > 200 and rotated[30:].mean() < 50
+    assert x[:, :3].mean() > 0.9 and x[:, -3:].mean() < -0.9  # white on top, black below: the EXIF turn applied
+    assert ImageOps.exif_transpose(Image.open(tmp_path / "rot.jpg")).size == (20, 40)
 
 
 def test_empty_folder_and_no_images_are_clear_errors(tmp_path):
@@ -217,6 +214,14 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, monkeypatch, 
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     ck = torch.load(train.list_checkpoints(tmp_path / "b")[0], weights_only=True)
     assert ck["step"] == 6 and ck["epoch"] == 6 // 2 and set(ck) >= {"unet", "ema", "optimizer", "rng", "args"}
+
+
+def test_cached_latents_train_like_encoding_every_step(tmp_path):
+    make_images(tmp_path / "d", 6)
+    argv = ["--data", str(tmp_path / "d"), "--steps", "4", "--flip", "--warmup-steps", "0", "--lr", "3e-3"] + FAST
+    train.main(argv + ["--out", str(tmp_path / "live")])
+    train.main(argv + ["--out", str(tmp_path / "cached"), "--cache-latents"])
+    np.testing.assert_allclose(losses(tmp_path / "cached"), losses(tmp_path / "live"), rtol=1e-5)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
