@@ -2,6 +2,7 @@
 (fixtures/gen_vae.py), conversion round trips, distribution maths and strict-loading errors."""
 import importlib.util
 import json
+import math
 import os
 
 import pytest
@@ -240,3 +241,136 @@ def test_load_autoencoder_files(tmp_path):
 
 def gen_diffusers_sd(sd: dict, dconfig: dict) -> dict:
     return gen.to_diffusers(sd, dconfig)
+
+
+# ----------------------------------------------------------------------------- training helpers
+
+def _quantizer(codes: list[list[float]]) -> vae.VectorQuantizer:
+    q = vae.VectorQuantizer(len(codes), len(codes[0]))
+    with torch.no_grad():
+        q.embedding.weight.copy_(torch.tensor(codes))
+    return q
+
+
+def _as_map(flat: torch.Tensor) -> torch.Tensor:
+    """(4, C) vectors -> (1, C, 2, 2) map whose (h, w) raster order is the row order."""
+    return flat.reshape(1, 2, 2, -1).permute(0, 3, 1, 2)
+
+
+def test_codebook_stats_and_quantizer_perplexity():
+    ppl, used = vae.codebook_stats(torch.arange(8), 8)
+    assert ppl.item() == pytest.approx(8.0, rel=1e-5) and used.item() == 8
+    ppl, used = vae.codebook_stats(torch.full((10,), 3), 8)
+    assert ppl.item() == pytest.approx(1.0, rel=1e-5) and used.item() == 1
+    ppl, _ = vae.codebook_stats(torch.tensor([1, 1, 5, 5]), 8)
+    assert ppl.item() == pytest.approx(2.0, rel=1e-5)
+    q = _quantizer([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    _, _, (ppl, _, idx) = q(_as_map(torch.tensor([[0.1, 0.0], [0.9, 0.1], [0.2, 0.9], [0.0, -0.1]])))
+    assert idx.tolist() == [0, 1, 2, 0]
+    assert ppl.item() == pytest.approx(math.exp(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))), rel=1e-5)
+
+
+def test_vqmodel_returns_indices_and_last_layer():
+    m = vae.build_autoencoder(vae.PRESETS["tiny-vq"])
+    recon, loss, idx = m(torch.randn(2, 3, 32, 32), return_pred_indices=True)
+    assert idx.shape == (2 * 8 * 8,) and idx.dtype == torch.long and recon.shape == (2, 3, 32, 32)
+    assert m.get_last_layer() is m.decoder.conv_out.weight
+
+
+def test_codebook_ema_one_step_by_hand():
+    codes = [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]
+    q = _quantizer(codes)
+    ema = vae.CodebookEMA(q, decay=0.9, eps=1e-5)
+    assert not q.embedding.weight.requires_grad  # EMA replaces the codebook's gradient step
+    flat = torch.tensor([[0.1, 0.0], [0.9, 0.1], [0.2, 0.9], [0.0, -0.1]])
+    _, _, (_, _, idx) = q(_as_map(flat))
+    stats = ema.update(_as_map(flat), idx)
+    # counts [2, 1, 1, 0]; cluster sizes 0.9 * 1 + 0.1 * counts; averages 0.9 * code + 0.1 * sum of assigned vectors.
+    size = torch.tensor([1.1, 1.0, 1.0, 0.9])
+    avg = 0.9 * torch.tensor(codes) + 0.1 * torch.tensor([[0.1, -0.1], [0.9, 0.1], [0.2, 0.9], [0.0, 0.0]])
+    smoothed = (size + 1e-5) / (4.0 + 4e-5) * 4.0
+    torch.testing.assert_close(q.embedding.weight, avg / smoothed[:, None])
+    torch.testing.assert_close(q.embedding.weight[1], torch.tensor([0.99, 0.01]), atol=1e-4, rtol=0)
+    # Each used code moved towards the mean of its assigned vectors; the unused one stayed (up to smoothing).
+    means = torch.tensor([[0.05, -0.05], [0.9, 0.1], [0.2, 0.9]])
+    assert ((q.embedding.weight[:3] - means).norm(dim=1) < (torch.tensor(codes[:3]) - means).norm(dim=1)).all()
+    torch.testing.assert_close(q.embedding.weight[3], torch.tensor([5.0, 5.0]), atol=1e-3, rtol=0)
+    assert stats["codes_used"].item() == 3 and stats["codes_restarted"].item() == 0
+    state = {k: v.clone() for k, v in ema.state_dict().items()}
+    ema2 = vae.CodebookEMA(_quantizer(codes))
+    ema2.load_state_dict(state)
+    assert all(torch.equal(getattr(ema2, k), v) for k, v in state.items())
+
+
+def test_dead_codes_restart_at_encoder_outputs():
+    q = _quantizer([[0.0, 0.0], [1.0, 0.0], [10.0, 10.0], [-10.0, -10.0]])
+    helper = vae.CodebookEMA(q, ema=False, restart_after=2)
+    assert q.embedding.weight.requires_grad  # without EMA the optimiser still trains the codebook
+    flat = torch.tensor([[0.1, 0.0], [0.9, 0.1], [0.2, 0.1], [1.1, -0.1]])  # only codes 0 and 1 are ever nearest
+    z = _as_map(flat)
+    before = q.embedding.weight.detach().clone()
+    stats = helper.update(z, q(z)[2][2], generator=torch.Generator().manual_seed(0))
+    assert stats["codes_restarted"].item() == 0 and torch.equal(q.embedding.weight, before)
+    stats = helper.update(z, q(z)[2][2], generator=torch.Generator().manual_seed(0))
+    assert stats["codes_restarted"].item() == 2
+    w = q.embedding.weight.detach()
+    assert torch.equal(w[:2], before[:2])
+    for row in (2, 3):
+        assert not torch.equal(w[row], before[row])
+        assert (w[row] == flat).all(dim=1).any()  # exactly one of the batch's encoder outputs
+    assert helper.unused_steps.tolist() == [0, 0, 0, 0]
+
+
+def test_codebook_ema_keeps_model_keys_and_trains():
+    torch.manual_seed(0)
+    m = vae.build_autoencoder(vae.PRESETS["tiny-vq"])
+    keys = list(m.state_dict())
+    helper = vae.CodebookEMA(m.quantize, restart_after=1)
+    assert list(m.state_dict()) == keys  # EMA state lives outside the model
+    x = torch.randn(2, 3, 32, 32)
+    h = m.encode(x)
+    quant, loss, (ppl, _, idx) = m.quantize(h)
+    before = m.quantize.embedding.weight.clone()
+    stats = helper.update(h, idx, generator=torch.Generator().manual_seed(0))
+    assert stats["perplexity"].item() == pytest.approx(ppl.item())
+    assert stats["codes_used"].item() + stats["codes_restarted"].item() == 64  # every unused code was restarted
+    assert not torch.equal(m.quantize.embedding.weight, before)
+    loss.backward()
+    assert m.quantize.embedding.weight.grad is None and m.encoder.conv_in.weight.grad.abs().sum() > 0
+
+
+def test_estimate_scale_factor_kl(monkeypatch):
+    m = vae.build_autoencoder(vae.PRESETS["tiny-kl"])
+    sigma, mu = 2.5, 0.3
+    sizes = []
+
+    def encode(x):
+        sizes.append(x.shape[0])
+        moments = torch.cat([torch.full((x.shape[0], 4, 16, 16), mu),
+                             torch.full((x.shape[0], 4, 16, 16), math.log(sigma ** 2))], 1)
+        return vae.DiagonalGaussianDistribution(moments)
+
+    monkeypatch.setattr(m, "encode", encode)
+    batches = [torch.zeros(4, 3, 64, 64) for _ in range(5)]
+    got = vae.estimate_scale_factor(m, batches, max_images=10, generator=torch.Generator().manual_seed(1))
+    assert sizes == [4, 4, 2]
+    g = torch.Generator().manual_seed(1)
+    z = torch.cat([mu + sigma * torch.randn(n, 4, 16, 16, generator=g) for n in sizes])
+    assert got == pytest.approx(1.0 / z.flatten().double().std().item(), rel=1e-9)  # the same draws, pooled
+    assert got == pytest.approx(1.0 / sigma, rel=0.03)
+
+
+def test_estimate_scale_factor_vq_uses_continuous_latents(monkeypatch):
+    m = vae.build_autoencoder(vae.PRESETS["tiny-vq"])
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(m, "encode", lambda x: 1.0 + 0.4 * torch.randn(x.shape[0], 3, 16, 16, generator=g))
+    batches = [(torch.zeros(8, 3, 64, 64), "label") for _ in range(3)]  # (images, ...) tuples are accepted
+    assert vae.estimate_scale_factor(m, batches) == pytest.approx(1 / 0.4, rel=0.03)
+
+
+def test_estimate_scale_factor_is_deterministic():
+    torch.manual_seed(0)
+    m = vae.build_autoencoder(vae.PRESETS["tiny-kl"]).train()
+    x = torch.randn(2, 3, 32, 32)
+    a, b = vae.estimate_scale_factor(m, [x]), vae.estimate_scale_factor(m, x)
+    assert a == b and math.isfinite(a) and a > 0 and m.training
