@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from typing import Dict, Union
 
 import torch
 import torch.nn as nn
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------- config + presets
+
+WeightSource = Union[str, os.PathLike, Dict[str, torch.Tensor]]  # a checkpoint file or an in-memory state dict
 
 @dataclass
 class LossConfig:
@@ -34,7 +37,7 @@ class LossConfig:
     logvar_init: float = 0.0          # learned output log-variance of the KL model's nll
     kl_weight: float = 1.0
     codebook_weight: float = 1.0
-    pixelloss_weight: float = 1.0     # weight of |x - x_rec|
+    pixelloss_weight: float = 1.0     # weight of |x - x_rec| (the reference stores it unused; 1.0 matches it)
     l2_weight: float = 0.0            # optional extra (x - x_rec)^2 term (not in the reference; 0 = off)
     perceptual_weight: float = 1.0
     disc_num_layers: int = 3
@@ -179,7 +182,7 @@ class LPIPS(nn.Module):
             out = out + getattr(self, f"lin{k}")(d).mean(dim=(2, 3), keepdim=True)  # (B, 1, 1, 1)
         return out
 
-    def load_weights(self, *sources: str | os.PathLike | dict[str, torch.Tensor]) -> LPIPS:
+    def load_weights(self, *sources: WeightSource) -> LPIPS:
         """Load from one or more files/state dicts, merged: a torchvision VGG16 state dict (`features.N.*`, the
         `classifier.*` part is ignored) plus the lpips package's linear layers (`lin0.model.1.weight` ..., its
         `vgg.pth`), or an LDM first-stage checkpoint (`loss.perceptual_loss.*`), or our own layout."""
@@ -202,7 +205,7 @@ class LPIPS(nn.Module):
         return self
 
     @classmethod
-    def from_pretrained(cls, *sources: str | os.PathLike | dict[str, torch.Tensor]) -> LPIPS:
+    def from_pretrained(cls, *sources: WeightSource) -> LPIPS:
         """LPIPS with weights from `sources` (see load_weights); the VGG width is read from the first conv."""
         sds = [s if isinstance(s, dict) else _read(s) for s in sources]
         convs = [v for sd in sds for k, v in convert_lpips_state_dict(sd).items() if k == "net.slice1.0.weight"]
@@ -228,6 +231,8 @@ def convert_lpips_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Ten
                 break
         if key.startswith("features."):
             idx = int(key.split(".")[1])
+            if idx >= _SLICE_ENDS[-1]:
+                continue  # past relu5_3: not part of LPIPS
             key = f"net.slice{next(k for k, end in enumerate(_SLICE_ENDS, 1) if idx < end)}.{key[len('features.'):]}"
         if key.startswith(("net.slice", "scaling_layer.")) or (key.startswith("lin") and ".model.1." in key):
             out[key] = value
@@ -271,7 +276,7 @@ class NLayerDiscriminator(nn.Module):
 class _GANLoss(nn.Module):
     """Shared parts: perceptual + pixel reconstruction, discriminator, generator/discriminator GAN terms."""
 
-    def __init__(self, cfg: LossConfig, lpips_weights, lpips_width: int):
+    def __init__(self, cfg: LossConfig, lpips_weights: WeightSource | list[WeightSource] | None, lpips_width: int):
         super().__init__()
         assert cfg.disc_loss in ("hinge", "vanilla"), cfg.disc_loss
         self.cfg = cfg
@@ -333,7 +338,8 @@ class LPIPSWithDiscriminator(_GANLoss):
         loss = nll + kl_weight * KL + d_weight * disc_factor * (-mean D(x_rec));
     optimizer_idx 1 (discriminator): disc_factor * hinge(D(x), D(x_rec))."""
 
-    def __init__(self, cfg: LossConfig | None = None, lpips_weights=None, lpips_width: int = 64):
+    def __init__(self, cfg: LossConfig | None = None, lpips_weights: WeightSource | list[WeightSource] | None = None,
+                 lpips_width: int = 64):
         super().__init__(cfg if cfg is not None else LossConfig(), lpips_weights, lpips_width)
         self.logvar = nn.Parameter(torch.full((), float(self.cfg.logvar_init)))
 
@@ -363,7 +369,8 @@ class VQLPIPSWithDiscriminator(_GANLoss):
     optimizer_idx 0: mean(rec) + codebook_weight * codebook_loss + d_weight * disc_factor * (-mean D(x_rec));
     optimizer_idx 1: as the KL loss."""
 
-    def __init__(self, cfg: LossConfig | None = None, lpips_weights=None, lpips_width: int = 64):
+    def __init__(self, cfg: LossConfig | None = None, lpips_weights: WeightSource | list[WeightSource] | None = None,
+                 lpips_width: int = 64):
         super().__init__(cfg if cfg is not None else LossConfig(kind="vq"), lpips_weights, lpips_width)
 
     def forward(self, codebook_loss: torch.Tensor, inputs: torch.Tensor, reconstructions: torch.Tensor,
@@ -382,7 +389,7 @@ class VQLPIPSWithDiscriminator(_GANLoss):
         return loss, log
 
 
-def build_loss(cfg: LossConfig | str, lpips_weights=None,
+def build_loss(cfg: LossConfig | str, lpips_weights: WeightSource | list[WeightSource] | None = None,
                lpips_width: int = 64) -> LPIPSWithDiscriminator | VQLPIPSWithDiscriminator:
     """Loss module for a config or preset name ("kl-f8", "vq-f4"); lpips_weights as LPIPS.load_weights takes them
     (a path, a state dict, or a list of them; None switches the perceptual term off)."""

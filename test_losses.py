@@ -43,7 +43,8 @@ def vgg_state_dict(width: int = WIDTH, seed: int = 0) -> dict:
 def lin_state_dict(width: int = WIDTH, seed: int = 1) -> dict:
     """The lpips package's vgg.pth layout: non-negative 1x1 weights."""
     g = torch.Generator().manual_seed(seed)
-    return {f"lin{k}.model.1.weight": torch.rand(1, m * width, 1, 1, generator=g) for k, m in enumerate((1, 2, 4, 8, 8))}
+    mults = (1, 2, 4, 8, 8)
+    return {f"lin{k}.model.1.weight": torch.rand(1, m * width, 1, 1, generator=g) for k, m in enumerate(mults)}
 
 
 def reference_lpips(x: torch.Tensor, y: torch.Tensor, vgg: dict, lin: dict) -> torch.Tensor:
