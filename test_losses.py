@@ -20,6 +20,16 @@ TAPS = (3, 8, 15, 22, 29)  # ReLU outputs LPIPS compares
 WIDTH = 8  # VGG channels 8, 16, 32, 64, 64 instead of 64 ... 512
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small convolutions gain nothing from intra-op threads, and spinning OpenMP threads stall badly on a busy
+    machine; restored for the other test files."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def loss_manifest(name: str) -> dict:
     with open(os.path.join(HERE, "fixtures", "manifests", f"{name}.json")) as f:
         d = json.load(f)
@@ -329,3 +339,31 @@ def test_ssim_matches_skimage_when_installed():
     ref = metrics.structural_similarity(x[0].numpy(), y[0].numpy(), channel_axis=0, data_range=1.0,
                                         gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
     assert losses.ssim(x, y).item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_overfit_one_batch_with_gan(lpips_files):
+    """The two-optimiser loop train.py runs: autoencoder step (optimizer_idx 0), then discriminator step (1)."""
+    torch.manual_seed(0)
+    model, loss_fn = tiny_kl_setup(lpips_files, disc_start=20)
+    opt_ae = torch.optim.Adam(list(model.parameters()) + [loss_fn.logvar], lr=2e-3)
+    opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=2e-3)
+    x = F.interpolate(images(4, size=4, seed=7), size=32, mode="bilinear")  # smooth images: learnable in 30 steps
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        start = losses.psnr(x, model(x, sample_posterior=False)[0]).item()
+    for step in range(30):
+        recon, post = model(x, generator=g)
+        loss, log = loss_fn(x, recon, post, 0, step, last_layer=model.get_last_layer())
+        opt_ae.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_ae.step()
+        d_loss, _ = loss_fn(x, recon, post, 1, step)
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+        assert torch.isfinite(loss) and torch.isfinite(d_loss)
+        if step <= 20:  # D may separate this single batch perfectly (hinge 0) soon after it starts learning
+            assert (d_loss.item() == 0) == (step < 20) and (log["g_loss"].item() != 0)
+    with torch.no_grad():
+        end = losses.psnr(x, model(x, sample_posterior=False)[0]).item()
+    assert end > start + 3.0, (start, end)
