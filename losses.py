@@ -314,10 +314,12 @@ class _GANLoss(nn.Module):
                 g_loss = -self.discriminator(recon.contiguous()).mean()
             return zero, g_loss, zero, disc_factor
         g_loss = -self.discriminator(recon.contiguous()).mean()
-        if last_layer is not None and torch.is_grad_enabled() and nll_loss.requires_grad:
-            d_weight = calculate_adaptive_weight(nll_loss, g_loss, last_layer, self.cfg.disc_weight)
-        else:  # evaluation without a graph: the reference logs d_weight 0 here
+        if not (torch.is_grad_enabled() and nll_loss.requires_grad):  # evaluation: the reference logs 0 here
             d_weight = zero
+        elif last_layer is None:
+            raise ValueError("the GAN term needs last_layer=model.get_last_layer() once global_step >= disc_start")
+        else:
+            d_weight = calculate_adaptive_weight(nll_loss, g_loss, last_layer, self.cfg.disc_weight)
         return d_weight * disc_factor * g_loss, g_loss, d_weight, disc_factor
 
     def discriminator_loss(self, inputs: torch.Tensor, recon: torch.Tensor,

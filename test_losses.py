@@ -256,6 +256,8 @@ def test_kl_loss_without_lpips_is_rec_plus_kl(capsys):
     with torch.no_grad():  # evaluation without a graph after disc_start: d_weight falls back to 0
         _, elog = loss_fn(x, recon, post, 0, global_step=20, last_layer=model.get_last_layer())
     assert elog["d_weight"].item() == 0
+    with pytest.raises(ValueError, match="last_layer"):
+        loss_fn(x, recon, post, 0, global_step=20)
 
 
 def test_vq_loss_terms_and_backward(lpips_files):
