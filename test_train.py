@@ -117,11 +117,21 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, capsys):
     make_images(tmp_path / "d", 4)
     (tmp_path / "d" / "bad1.png").write_bytes(b"not an image at all")
     good = (tmp_path / "d" / "img00.jpg").read_bytes()
-    (tmp_path / "d" / "bad2.jpg").write_bytes(good[:20])  # truncated
+    (tmp_path / "d" / "bad2.jpg").write_bytes(good[:20])  # cut inside the header
+    (tmp_path / "d" / "bad3.jpg").write_bytes(good[:len(good) // 2])  # cut inside the pixel data: opens fine
     train.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "out"), "--steps", "2"] + FAST)
     err = capsys.readouterr()
-    assert "skipped 2 unreadable images: bad1.png, bad2.jpg" in err.out + err.err
+    assert "skipped 3 unreadable images: bad1.png, bad2.jpg, bad3.jpg" in err.out + err.err
     assert len(losses(tmp_path / "out")) == 2
+
+
+def test_image_unreadable_at_run_time_is_replaced_by_the_next(tmp_path, capsys):
+    make_images(tmp_path / "d", 3)
+    items, _ = train.find_images(tmp_path / "d")
+    items[1][0].unlink()  # vanished after the check
+    ds = train.ImageDataset(items, 16, seed=0)
+    assert [ds[(i, 0)][0] for i in range(3)] == [0, 2, 2]
+    assert "skipping unreadable image" in capsys.readouterr().err
 
 
 def test_no_captions_trains_unconditionally(tmp_path, capsys):

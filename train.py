@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, replace
 from functools import lru_cache
@@ -179,18 +180,23 @@ def load_image(path: Path, resolution: int, rng: np.random.Generator = None, ran
     return x / 127.5 - 1.0
 
 
+def readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (256, 256))  # JPEG: decode at reduced scale, still reading every byte
+            im.load()
+        return True
+    except Exception:  # PIL raises many types for damaged files (OSError, SyntaxError, ValueError, ...)
+        return False
+
+
 def check_images(items: list[tuple[Path, str]], progress: bool = False) -> tuple[list[tuple[Path, str]], list[Path]]:
-    """(readable items, unreadable paths): a cheap header/CRC check before training, so a bad file is reported
-    up front instead of failing mid-run."""
-    good, bad = [], []
-    for path, caption in tqdm(items, desc="checking images", disable=not progress, leave=False):
-        try:
-            with Image.open(path) as im:
-                im.verify()
-            good.append((path, caption))
-        except Exception:  # PIL raises many types for damaged files (OSError, SyntaxError, ValueError, ...)
-            bad.append(path)
-    return good, bad
+    """(readable items, unreadable paths): every image is decoded once before training (threads; PIL decodes
+    without the GIL), so a damaged or truncated file is reported up front instead of failing mid-run."""
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        ok = list(tqdm(pool.map(readable, [p for p, _ in items]), total=len(items), desc="checking images",
+                       disable=not progress, leave=False))
+    return [it for it, good in zip(items, ok) if good], [p for (p, _), good in zip(items, ok) if not good]
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -596,13 +602,14 @@ class Trainer:
                                              sampler=[(i, 0) for i in range(len(self.items))],
                                              batch_size=self.args.batch_size, collate_fn=collate,
                                              num_workers=self.args.num_workers, worker_init_fn=_worker_init)
-        means, stds = [], []
-        for _, x in tqdm(loader, disable=self.no_bar, desc="caching latents", leave=False):
+        means, stds, sources = [], [], []
+        for src, x in tqdm(loader, disable=self.no_bar, desc="caching latents", leave=False):
+            sources.append(src)  # the image actually encoded (a file unreadable now is replaced by the next one)
             views = [x, x.flip(-1)] if self.args.flip else [x]
             moments = [self.encode_posterior(v) for v in views]
             means.append(torch.stack([m for m, _ in moments], 1).cpu())  # (B, views, C, h, w)
             stds.append(torch.stack([s for _, s in moments], 1).cpu())
-        self.latent_cache = torch.cat(means), torch.cat(stds)
+        self.latent_cache, self.cache_source = (torch.cat(means), torch.cat(stds)), torch.cat(sources)
         if not self.args.train_text_encoder:
             captions = list(dict.fromkeys([""] + [c for _, c in self.items]))
             self.caption_id = {c: i for i, c in enumerate(captions)}
@@ -652,6 +659,7 @@ class Trainer:
                      if self.args.flip else 0 for i in idx]  # the draw load_image makes for its flip
             view = torch.tensor(flips)
             mean, std = self.latent_cache[0][idx, view].to(dev), self.latent_cache[1][idx, view].to(dev)
+            idx = self.cache_source[idx]
         else:
             if self.batches is None:
                 self.batches = self.make_batches(step)
@@ -789,13 +797,22 @@ class Trainer:
             return None
         model, bs = self.model, self.args.batch_size
         if self.val_cache is None:
-            x = [load_image(p, self.args.resolution) for p, _ in self.val_items]
+            x, self.val_captions = [], []
+            for path, caption in self.val_items:
+                try:
+                    x.append(load_image(path, self.args.resolution))
+                    self.val_captions.append(caption)
+                except Exception as e:
+                    print(f"warning: validation image {path} is unreadable, left out ({e})", file=sys.stderr)
+            if not x:
+                self.val_items = []
+                return None
             z0 = torch.cat([self.encode_posterior(torch.stack(x[i:i + bs]))[0] for i in range(0, len(x), bs)])
             g = step_generator(self.args.seed, 0)  # training steps count from 1: step 0's stream is free
             t = torch.linspace(0, len(model.alphas_cumprod) - 1, len(x)).round().long()
             self.val_cache = z0 * model.scale_factor, torch.randn(z0.shape, generator=g).to(self.device), t
         z0, noise, t = self.val_cache
-        captions = [c for _, c in self.val_items]
+        captions = self.val_captions
         model.eval()
         total = 0.0
         for i in range(0, len(z0), bs):
