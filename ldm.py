@@ -336,7 +336,10 @@ class LatentDiffusion(nn.Module):
         self.resolution = resolution  # default image size the weights were trained at
         self.config = config or {}
         # float64 arithmetic then float32, as the original; kept out of the state dict (not in public files)
-        self.register_buffer("alphas_cumprod", schedule_buffers(make_schedule())["alphas_cumprod"], persistent=False)
+        alphas_cumprod = schedule_buffers(make_schedule())["alphas_cumprod"]  # computed on the CPU
+        default_device = torch.empty(0).device  # honours an enclosing `with torch.device(...)`, except meta
+        self.register_buffer("alphas_cumprod", alphas_cumprod if default_device.type == "meta"
+                             else alphas_cumprod.to(default_device), persistent=False)
 
     @property
     def device(self) -> torch.device:
