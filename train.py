@@ -450,8 +450,11 @@ class Trainer:
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         use_cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
-        self.device = torch.device(f"cuda:{local_rank}" if use_cuda and self.world > 1 else
-                                   (args.device or ("cuda" if use_cuda else "cpu")))
+        if use_cuda:  # always an indexed device: torch.cuda.set_device refuses a bare "cuda"
+            explicit_index = args.device and ":" in args.device and self.world == 1
+            self.device = torch.device(args.device if explicit_index else f"cuda:{local_rank}")
+        else:
+            self.device = torch.device(args.device or "cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 parts, e.g. the loss
