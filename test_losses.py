@@ -20,15 +20,6 @@ TAPS = (3, 8, 15, 22, 29)  # ReLU outputs LPIPS compares
 WIDTH = 8  # VGG channels 8, 16, 32, 64, 64 instead of 64 ... 512
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convolutions gain nothing from intra-op threads, and spinning OpenMP threads stall badly on a busy
-    machine; restored for the other test files."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def loss_manifest(name: str) -> dict:
     with open(os.path.join(HERE, "fixtures", "manifests", f"{name}.json")) as f:
