@@ -23,31 +23,39 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, replace
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import ldm
+import losses
 import unet as unet_lib
 import vae as vae_lib
+from data import ImageDataset, StepSampler, check_images, collate, find_images, load_image, worker_init
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Defaults by model size ("tiny": CPU-sized, learns in a few dozen steps; "sd": SD 1.x/2.x-sized fine-tuning).
 DEFAULTS = {
     "tiny": dict(lr=1e-3, batch_size=8, warmup_steps=10, ema_decay=0.999, steps=2000, save_every=500,
-                 sample_every=250, val_every=100),
+                 sample_every=250, val_every=100, grad_clip=1.0),
     "sd": dict(lr=1e-5, batch_size=4, warmup_steps=500, ema_decay=0.9999, steps=20000, save_every=1000,
-               sample_every=1000, val_every=500),
+               sample_every=1000, val_every=500, grad_clip=1.0),
 }
+# The autoencoder stage as the LDM first-stage configs: Adam(0.5, 0.9), no warm-up or clipping, and for SD-sized
+# presets lr = 4.5e-6 * global batch (base_learning_rate scaling). Tiny presets learn 64px images in minutes at 1e-3.
+AE_DEFAULTS = {
+    "tiny": dict(lr=1e-3, batch_size=8, warmup_steps=0, steps=2000, save_every=500, sample_every=250, val_every=100,
+                 grad_clip=0.0, disc_start=250),
+    "sd": dict(batch_size=4, warmup_steps=0, steps=100000, save_every=5000, sample_every=1000, val_every=1000,
+               grad_clip=0.0),
+}
+AE_BASE_LR = 4.5e-6
 SCRATCH_SD_LR = 1e-4  # from-scratch SD-sized runs (LDM's text-to-image rate) rather than fine-tuning's 1e-5
 # Settings that fix the data order and noise: changing them on --resume breaks exact continuation.
 ORDER_ARGS = ("data", "seed", "batch_size", "grad_accum", "resolution", "val_fraction", "random_crop", "flip")
@@ -65,8 +73,12 @@ def make_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--data", required=True, help="image folder (recursive; same-named .txt captions or a metadata.jsonl)")
     a("--out", required=True, help="run folder: checkpoints, log.jsonl, loss.png, samples/, final.safetensors")
-    a("--ckpt", help="start from this SD/LDM checkpoint (.safetensors/.ckpt or diffusers folder): fine-tuning")
-    a("--config", choices=sorted(ldm.PRESETS), default="tiny", help="model preset when training from scratch")
+    a("--stage", choices=["unet", "autoencoder"], default="unet", help="train the U-Net, or the first-stage autoencoder")
+    a("--ckpt", help="start from this SD/LDM checkpoint (.safetensors/.ckpt or diffusers folder): fine-tuning; "
+                     "with --stage autoencoder any file vae.load_autoencoder reads")
+    a("--config", choices=sorted(set(ldm.PRESETS) | set(vae_lib.PRESETS)),
+      help="preset when training from scratch: a model (default tiny), or with --stage autoencoder a first stage "
+           "(kl-f8, vq-f4, ...; default tiny-kl)")
     a("--vae", help="autoencoder file (default: --ckpt's, or for --config the preset's, randomly initialised)")
     a("--prediction-type", choices=["eps", "v"], help="override the model's prediction type")
     a("--resume", action="store_true", help="continue from the latest loadable checkpoint in --out")
@@ -79,11 +91,12 @@ def make_parser() -> argparse.ArgumentParser:
     a("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     a("--steps", type=int, help="total optimizer steps, counted from 1 (default: 2000 tiny, 20000 SD)")
     a("--epochs", type=int, help="total epochs instead of --steps")
-    a("--lr", type=float, help="peak learning rate (default: 1e-3 tiny, 1e-5 SD fine-tune, 1e-4 SD scratch)")
+    a("--lr", type=float, help="peak learning rate (default: 1e-3 tiny, 1e-5 SD fine-tune, 1e-4 SD scratch; "
+                               "autoencoders: 1e-3 tiny, else 4.5e-6 x global batch)")
     a("--warmup-steps", type=int, help="linear warm-up steps (default: 10 tiny, 500 SD)")
     a("--lr-schedule", choices=["constant", "cosine"], default="constant", help="after warm-up")
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    a("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    a("--grad-clip", type=float, help="max gradient norm, 0: off (default: 1 U-Net, 0 autoencoder)")
     a("--precision", choices=["bf16", "fp16", "fp32"], help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
     a("--grad-checkpointing", action="store_true", help="recompute U-Net activations in backward (less memory)")
     a("--ema-decay", type=float, help="EMA of the U-Net (0: off; default 0.999 tiny, 0.9999 SD)")
@@ -104,6 +117,17 @@ def make_parser() -> argparse.ArgumentParser:
     a("--export-weights", choices=["ema", "raw"], default="ema", help="U-Net weights in final.safetensors")
     a("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
     a("--no-progress", action="store_true", help="no progress bar")
+    # autoencoder stage
+    a("--train-decoder-only", action="store_true", help="freeze the encoder (fine-tune a VAE's decoder, as vae-ft-mse)")
+    a("--disc-start", type=int, help="step from which the discriminator trains and the GAN term counts "
+                                     "(default: the preset's, 50001 KL, 0 VQ, 250 tiny)")
+    a("--disc-weight", type=float, help="weight of the adaptive GAN term (default: 0.5 KL, 0.75 VQ)")
+    a("--kl-weight", type=float, default=1e-6, help="weight of the KL term (KL autoencoders)")
+    a("--l2-weight", type=float, default=0.0, help="weight of an extra squared-error term beside L1")
+    a("--perceptual-weights", nargs="+", metavar="PATH",
+      help="LPIPS weights: torchvision VGG16 + LPIPS lin files, or an LDM first-stage checkpoint (else LPIPS off)")
+    a("--codebook-ema", action="store_true", help="VQ: move codes by an EMA of their assigned encoder outputs")
+    a("--restart-dead-codes", type=int, metavar="N", help="VQ: move a code unused for N steps onto an encoder output")
     return p
 
 
@@ -114,151 +138,6 @@ def parse_args(argv: list[str] = None) -> tuple[argparse.Namespace, set[str]]:
     for action in explicit._actions:
         action.default, action.required = argparse.SUPPRESS, False
     return args, set(vars(explicit.parse_args(argv)))
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# Data
-
-
-def find_images(root: str | os.PathLike) -> tuple[list[tuple[Path, str]], bool]:
-    """[(image path, caption)] from a metadata.jsonl (file_name, text) or a recursive scan with same-named .txt
-    captions, and whether any caption exists. Errors (no folder, no images) are one-line SystemExits."""
-    root = Path(root)
-    if not root.is_dir():
-        raise SystemExit(f"error: --data {root}: no such folder")
-    meta = root / "metadata.jsonl"
-    items = []
-    if meta.exists():
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                    items.append((root / rec["file_name"], rec.get("text")))
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise SystemExit(f"error: {meta}:{n}: expected {{\"file_name\": ..., \"text\": ...}} ({e})")
-    else:
-        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()):
-            txt = path.with_suffix(".txt")
-            items.append((path, txt.read_text(encoding="utf-8").strip() if txt.exists() else None))
-    if not items:
-        raise SystemExit(f"error: --data {root}: no images found (looked for {', '.join(IMAGE_EXTS)} recursively, "
-                         "or a metadata.jsonl)")
-    has_captions = any(c for _, c in items)
-    return [(p, str(c or "")) for p, c in items], has_captions
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB: 16-bit greyscale rescaled, transparency composited onto white."""
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        scale = 257.0 if arr.max() > 255 else 1.0  # 65535 / 255: 16-bit range onto 8 bits
-        im = Image.fromarray((arr / scale).clip(0, 255).round().astype(np.uint8))
-    if im.mode in ("RGBA", "LA", "PA", "P", "RGBa", "La") or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return im.convert("RGB")
-
-
-def load_image(path: Path, resolution: int, rng: np.random.Generator = None, random_crop: bool = False,
-               flip: bool = False) -> torch.Tensor:
-    """[3, R, R] in [-1, 1]: EXIF-rotated, RGB, short side resized to R, centre (or random) crop, optional flip.
-    Random choices come from `rng`, seeded per (seed, epoch, image) by the caller."""
-    with Image.open(path) as im:
-        im = to_rgb(ImageOps.exif_transpose(im))
-    w, h = im.size
-    s = resolution / min(w, h)
-    im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
-    w, h = im.size
-    if random_crop:
-        left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
-    else:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
-    im = im.crop((left, top, left + resolution, top + resolution))
-    if flip and rng.random() < 0.5:
-        im = im.transpose(Image.FLIP_LEFT_RIGHT)
-    x = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, R, R)
-    return x / 127.5 - 1.0
-
-
-def readable(path: Path) -> bool:
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (256, 256))  # JPEG: decode at reduced scale, still reading every byte
-            im.load()
-        return True
-    except Exception:  # PIL raises many types for damaged files (OSError, SyntaxError, ValueError, ...)
-        return False
-
-
-def check_images(items: list[tuple[Path, str]], progress: bool = False) -> tuple[list[tuple[Path, str]], list[Path]]:
-    """(readable items, unreadable paths): every image is decoded once before training (threads; PIL decodes
-    without the GIL), so a damaged or truncated file is reported up front instead of failing mid-run."""
-    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        ok = list(tqdm(pool.map(readable, [p for p, _ in items]), total=len(items), desc="checking images",
-                       disable=not progress, leave=False))
-    return [it for it, good in zip(items, ok) if good], [p for (p, _), good in zip(items, ok) if not good]
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """Item (index, epoch) -> (index, image [3, R, R]); augmentation seeded by (seed, epoch, index). A file that
-    fails to decode now (it passed check_images) is replaced by the next readable image, so batches keep their size."""
-
-    def __init__(self, items: list[tuple[Path, str]], resolution: int, seed: int, random_crop=False, flip=False):
-        self.items, self.resolution, self.seed = items, resolution, seed
-        self.random_crop, self.flip = random_crop, flip
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[int, torch.Tensor]:
-        index, epoch = key
-        for k in range(len(self.items)):
-            i = (index + k) % len(self.items)
-            try:
-                rng = np.random.default_rng([self.seed, epoch, i])
-                return i, load_image(self.items[i][0], self.resolution, rng, self.random_crop, self.flip)
-            except Exception as e:
-                print(f"warning: skipping unreadable image {self.items[i][0]} ({e})", file=sys.stderr)
-        raise RuntimeError("no readable image left")
-
-
-class StepSampler(torch.utils.data.Sampler):
-    """This rank's micro-batches of (index, epoch) for steps start..total. Epoch e is a permutation of the training
-    set seeded by (seed, e); step k of the epoch takes its positions [k G, (k + 1) G), G = batch * ranks * accum,
-    cut into accum micro-batches, each cut into ranks (DistributedSampler-like)."""
-
-    def __init__(self, n: int, batch_size: int, world: int, rank: int, accum: int, seed: int, start: int, total: int):
-        self.n, self.B, self.W, self.rank, self.accum, self.seed = n, batch_size, world, rank, accum, seed
-        self.start, self.total = start, total
-        self.G = batch_size * world * accum
-        self.steps_per_epoch = max(1, n // self.G)  # drop the last partial global batch; tile sets smaller than G
-
-    @lru_cache(maxsize=2)
-    def permutation(self, epoch: int) -> np.ndarray:
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return np.tile(perm, -(-self.G // self.n)) if self.n < self.G else perm
-
-    def global_batch(self, step: int) -> tuple[np.ndarray, int]:
-        epoch, k = divmod(step - 1, self.steps_per_epoch)
-        return self.permutation(epoch)[k * self.G:(k + 1) * self.G], epoch
-
-    def micro_slice(self, m: int, rank: int = None) -> slice:
-        """Positions in the global batch of micro-batch m on `rank`."""
-        lo = (m * self.W + (self.rank if rank is None else rank)) * self.B
-        return slice(lo, lo + self.B)
-
-    def __iter__(self):
-        for step in range(self.start, self.total + 1):
-            idx, epoch = self.global_batch(step)
-            for m in range(self.accum):
-                yield [(int(i), epoch) for i in idx[self.micro_slice(m)]]
-
-    def __len__(self) -> int:
-        return max(0, self.total - self.start + 1) * self.accum
-
-
-def collate(batch: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.tensor([i for i, _ in batch]), torch.stack([x for _, x in batch])
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -443,10 +322,13 @@ def image_grid(images: list[Image.Image], cols: int = 4) -> Image.Image:
 
 
 class Trainer:
-    """One training run: model, data, optimizer, EMA, checkpoints. `run()` trains from `self.start` to `self.total`.
+    """The machinery every stage shares: device and process group, resume, the data split and step order, the loop
+    with logging, validation, sample grids, signals and non-finite-loss handling, checkpoints and export. A stage
+    subclass supplies the pieces: build_model / fill_defaults / setup (trained modules, self.optimizers),
+    forward_backward, after_step, stage_state / load_stage_state, export, validate and sample_grid.
     Under torchrun every rank builds one; only rank 0 logs, samples, validates and writes files."""
 
-    def __init__(self, args: argparse.Namespace, explicit: set[str] = frozenset()):
+    def __init__(self, args: argparse.Namespace, explicit: set[str] = frozenset(), resumed: tuple = None):
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         use_cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
@@ -463,7 +345,7 @@ class Trainer:
         self.out = Path(args.out)
         state = None
         if args.resume:
-            state, path = load_latest_checkpoint(self.out)
+            state, path = resumed or load_latest_checkpoint(self.out)
             if state is None:
                 self.print(f"no loadable checkpoint in {self.out}; starting a new run")
             else:
@@ -474,23 +356,21 @@ class Trainer:
                              "choose another --out")
         if args.cache_latents and args.random_crop:
             raise SystemExit("error: --random-crop needs the images at every step; drop it or --cache-latents")
-        items, has_captions = find_images(args.data)  # before building anything: a bad folder fails fast
+        items, self.has_captions = find_images(args.data)  # before building anything: a bad folder fails fast
         items, bad = check_images(items, progress=self.rank == 0 and not args.no_progress)
         if bad:
             self.print(f"skipped {len(bad)} unreadable image{'s' * (len(bad) > 1)}: "
                        + ", ".join(p.name for p in bad[:5]) + (", ..." if len(bad) > 5 else ""))
         if not items:
             raise SystemExit(f"error: --data {args.data}: none of the {len(bad)} images could be read")
-        if not has_captions:
-            self.print("no captions found (.txt or metadata.jsonl): training unconditionally with empty prompts")
 
         self.model = self.build_model(args)
         self.fill_defaults(args)
+        if args.resolution % self.downsample_factor:
+            raise SystemExit(f"error: --resolution must be a multiple of {self.downsample_factor}")
+        if args.precision is None:
+            args.precision = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
         self.args = args
-        model, device = self.model, self.device
-        self.print(f"{sum(p.numel() for p in model.unet.parameters()) / 1e6:.1f}M U-Net parameters, "
-                   f"prediction {model.prediction_type}, {args.resolution}px, device {device}, world {self.world}, "
-                   f"precision {args.precision}")
 
         # data: a seeded held-out split, then the step sampler over the rest
         order = np.random.default_rng([args.seed, 1]).permutation(len(items))
@@ -501,37 +381,19 @@ class Trainer:
                                    args.seed, 1, 0)
         self.global_batch = self.sampler.G
         self.total = args.epochs * self.sampler.steps_per_epoch if args.epochs else args.steps
-        self.latent_shape = (model.latent_channels, args.resolution // model.downsample_factor,
-                             args.resolution // model.downsample_factor)
         self.dataset = ImageDataset(self.items, args.resolution, args.seed, args.random_crop, args.flip)
-        self.batches = None
-        self.prompts = args.sample_prompts or list(dict.fromkeys(
-            self.items[i * len(self.items) // 4][1] for i in range(min(4, len(self.items)))))
+        self.batches, self.val_cache = None, None
 
-        # trained modules, optimizer, EMA
-        model.to(device)
-        model.vae.eval().requires_grad_(False)
-        model.text_encoder.train(args.train_text_encoder).requires_grad_(args.train_text_encoder)
-        model.unet.train().requires_grad_(True)
-        model.unet.cfg.use_checkpoint = args.grad_checkpointing
-        self.denoiser = Denoiser(model.unet, model.text_encoder if args.train_text_encoder else None)
-        self.ddp = self.denoiser
-        if self.world > 1:
-            self.ddp = nn.parallel.DistributedDataParallel(
-                self.denoiser, device_ids=[device.index] if device.type == "cuda" else None)
-        self.params = [p for p in self.denoiser.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay,
-                                           fused=device.type == "cuda")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
-        self.scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
-        self.ema = [p.detach().clone() for p in model.unet.parameters()] if args.ema_decay else None
-        self.ema_updates, self.bad_steps, self.stop_requested = 0, 0, False
-        self.val_cache, self.latent_cache, self.text_cache = None, None, None
-        self.start = 1
+        self.scaler = torch.amp.GradScaler(self.device.type) if args.precision == "fp16" else None
+        self.model.to(self.device)
+        self.setup(args)  # trained modules and self.optimizers (the first one's LR is logged)
+        self.optimizer = self.optimizers[0]
+        self.bad_steps, self.stop_requested, self.start = 0, False, 1
+        self.print(self.describe() + f", {args.resolution}px, device {self.device}, world {self.world}, "
+                                     f"precision {args.precision}")
         if state is not None:
             self.load_state(state)
-        if args.cache_latents:
-            self.build_caches()
 
     # --- setup -----------------------------------------------------------------------------------------------
 
@@ -553,71 +415,10 @@ class Trainer:
         args.resume = True
         return args
 
-    def build_model(self, args) -> ldm.LatentDiffusion:
-        if args.ckpt:  # fp32 master weights on the CPU first, then moved
-            model = ldm.load_model(args.ckpt, device="cpu", dtype=torch.float32, prediction_type=args.prediction_type)
-            if args.vae:  # e.g. a fine-tuned SD VAE in place of the checkpoint's own
-                model.vae = vae_lib.load_autoencoder(args.vae, device="cpu", dtype=torch.float32)
-            return model
-        torch.manual_seed(args.seed)  # from-scratch weights are a function of the seed (resume rebuilds them)
-        cfg = dict(ldm.PRESETS[args.config])
-        vae = None
-        if args.vae:
-            vae = vae_lib.load_autoencoder(args.vae, device="cpu", dtype=torch.float32)
-            unet_cfg = unet_lib.PRESETS[cfg["unet"]]
-            cfg.update(vae=asdict(vae.cfg), scale_factor=vae.scale_factor,
-                       unet=asdict(replace(unet_cfg, in_channels=vae.cfg.embed_dim, out_channels=vae.cfg.embed_dim)))
-        model = ldm.build_model(cfg, prediction_type=args.prediction_type)
-        if vae is not None:
-            model.vae = vae
-        return model
-
-    def fill_defaults(self, args):
-        kind = "tiny" if self.model.unet.cfg.model_channels < 320 else "sd"
-        for k, v in DEFAULTS[kind].items():
+    def fill(self, args, defaults: dict):
+        for k, v in defaults.items():
             if getattr(args, k, None) is None and not (k == "steps" and args.epochs):
-                setattr(args, k, SCRATCH_SD_LR if k == "lr" and kind == "sd" and not args.ckpt else v)
-        args.resolution = args.resolution or self.model.resolution
-        if args.resolution % self.model.downsample_factor:
-            raise SystemExit(f"error: --resolution must be a multiple of {self.model.downsample_factor}")
-        if args.precision is None:
-            args.precision = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-
-    @torch.no_grad()
-    def encode_posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images [B, 3, H, W] -> the VAE posterior's (mean, std), unscaled, float32 (std 0 for a VQ model: LDM
-        trains on its pre-quantisation output). bf16 autocast only: the SD VAE overflows in fp16."""
-        with self.autocast(self.amp_dtype == torch.bfloat16):
-            d = self.model.vae.encode(x.to(self.device))
-        if isinstance(d, vae_lib.DiagonalGaussianDistribution):
-            return d.mean.float(), d.std.float()
-        return d.float(), torch.zeros_like(d, dtype=torch.float32)
-
-    @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        return self.model.text_encoder(self.model.tokenizer(captions).to(self.device)).float()
-
-    def build_caches(self):
-        """Posterior (mean, std) of every training image (and of its mirror image with --flip), and, while the text
-        encoder is frozen, the context of every distinct caption. Kept on the CPU; each step indexes them."""
-        self.print(f"caching latents of {len(self.items)} images")
-        loader = torch.utils.data.DataLoader(ImageDataset(self.items, self.args.resolution, self.args.seed),
-                                             sampler=[(i, 0) for i in range(len(self.items))],
-                                             batch_size=self.args.batch_size, collate_fn=collate,
-                                             num_workers=self.args.num_workers, worker_init_fn=_worker_init)
-        means, stds, sources = [], [], []
-        for src, x in tqdm(loader, disable=self.no_bar, desc="caching latents", leave=False):
-            sources.append(src)  # the image actually encoded (a file unreadable now is replaced by the next one)
-            views = [x, x.flip(-1)] if self.args.flip else [x]
-            moments = [self.encode_posterior(v) for v in views]
-            means.append(torch.stack([m for m, _ in moments], 1).cpu())  # (B, views, C, h, w)
-            stds.append(torch.stack([s for _, s in moments], 1).cpu())
-        self.latent_cache, self.cache_source = (torch.cat(means), torch.cat(stds)), torch.cat(sources)
-        if not self.args.train_text_encoder:
-            captions = list(dict.fromkeys([""] + [c for _, c in self.items]))
-            self.caption_id = {c: i for i, c in enumerate(captions)}
-            self.text_cache = torch.cat([self.encode_text(captions[i:i + 256]).cpu()
-                                         for i in range(0, len(captions), 256)])
+                setattr(args, k, v)
 
     @property
     def no_bar(self) -> bool:
@@ -631,131 +432,74 @@ class Trainer:
                               self.args.seed, start, self.total)
         return iter(torch.utils.data.DataLoader(
             self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=self.args.num_workers,
-            pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init))
+            pin_memory=self.device.type == "cuda", worker_init_fn=worker_init))
 
     def autocast(self, enabled: bool = True):
         if self.amp_dtype is None or not enabled:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def load_images(self, items: list[tuple[Path, str]]) -> tuple[torch.Tensor | None, list[str]]:
+        """(images [N, 3, R, R] or None, their captions), centre-cropped; unreadable files are left out."""
+        x, captions = [], []
+        for path, caption in items:
+            try:
+                x.append(load_image(path, self.args.resolution))
+                captions.append(caption)
+            except Exception as e:
+                print(f"warning: validation image {path} is unreadable, left out ({e})", file=sys.stderr)
+        return (torch.stack(x) if x else None), captions
+
     # --- one step --------------------------------------------------------------------------------------------
 
-    def randomness(self, step: int, positions: range) -> dict[str, torch.Tensor]:
-        """Everything random about the samples at `positions` of a step's global batch, each from a generator seeded
-        by (seed, step, position): the same numbers whichever rank and micro-batch a sample lands on."""
-        T, shape, draws = len(self.model.alphas_cumprod), self.latent_shape, []
-        for p in positions:
-            g = step_generator(self.args.seed, step, p)
-            draws.append(dict(t=torch.randint(0, T, (1,), generator=g), noise=torch.randn(1, *shape, generator=g),
-                              posterior=torch.randn(1, *shape, generator=g),
-                              offset=torch.randn(1, shape[0], 1, 1, generator=g), drop=torch.rand(1, generator=g)))
-        return {k: torch.cat([d[k] for d in draws]) for k in draws[0]}
-
-    def micro_batch(self, step: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(z0 scaled, noise, t, cond: context or tokens) of micro-batch m of `step` on this rank."""
-        sl, dev = self.sampler.micro_slice(m, self.rank), self.device
-        rnd = self.randomness(step, range(sl.start, sl.stop))
-        if self.latent_cache is not None:
-            idx, epoch = self.sampler.global_batch(step)
-            idx = torch.as_tensor(idx[sl])
-            flips = [int(np.random.default_rng([self.args.seed, epoch, int(i)]).random() < 0.5)
-                     if self.args.flip else 0 for i in idx]  # the draw load_image makes for its flip
-            view = torch.tensor(flips)
-            mean, std = self.latent_cache[0][idx, view].to(dev), self.latent_cache[1][idx, view].to(dev)
-            idx = self.cache_source[idx]
-        else:
-            if self.batches is None:
-                self.batches = self.make_batches(step)
-            idx, x = next(self.batches)
-            mean, std = self.encode_posterior(x)
-        z0 = (mean + std * rnd["posterior"].to(dev)) * self.model.scale_factor
-        noise = (rnd["noise"] + self.args.noise_offset * rnd["offset"]).to(dev)
-        keep = (rnd["drop"] >= self.args.uncond_prob).tolist()
-        captions = [self.items[int(i)][1] if k else "" for i, k in zip(idx, keep)]
-        if self.args.train_text_encoder:
-            cond = self.model.tokenizer(captions).to(dev)
-        elif self.text_cache is not None:
-            cond = self.text_cache[torch.tensor([self.caption_id[c] for c in captions])].to(dev)
-        else:
-            cond = self.encode_text(captions)
-        return z0, noise, rnd["t"].to(dev), cond
-
-    def forward_backward(self, step: int) -> torch.Tensor:
-        """Gradients of step `step` accumulated into .grad (synced over ranks); returns the global-batch loss."""
-        accum, losses = self.args.grad_accum, []
-        for m in range(accum):
-            z0, noise, t, cond = self.micro_batch(step, m)
-            sync = self.ddp.no_sync() if self.world > 1 and m < accum - 1 else nullcontext()
-            with sync:
-                with self.autocast():
-                    loss = diffusion_loss(self.model, self.ddp, z0, noise, t, cond, self.args.snr_gamma)
-                scaled = loss / accum
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            losses.append(loss.detach().float())
-        loss = torch.stack(losses).mean()
-        if self.world > 1:
-            dist.all_reduce(loss)
-            loss /= self.world
-        return loss
-
-    def optimizer_step(self, step: int, loss: float) -> tuple[bool, float]:
-        """(applied, grad norm). A non-finite loss or gradient skips the update (GradScaler does this in fp16)."""
+    def optimizer_step(self, step: int, loss: float, logs: dict) -> tuple[bool, float]:
+        """(applied, grad norm of the first optimizer's parameters). Each optimizer with gradients steps; a
+        non-finite loss or gradient skips the update (GradScaler does this in fp16)."""
         lr = lr_at(step, self.args.lr, self.args.warmup_steps, self.total, self.args.lr_schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip or float("inf")).item()
-        applied = math.isfinite(loss) and math.isfinite(norm)
+        active = [o for o in self.optimizers if any(p.grad is not None for g in o.param_groups for p in g["params"])]
+        norms = []
+        for opt in active:
+            for group in opt.param_groups:
+                group["lr"] = lr
+            if self.scaler:
+                self.scaler.unscale_(opt)
+            params = [p for g in opt.param_groups for p in g["params"]]
+            norms.append(torch.nn.utils.clip_grad_norm_(params, self.args.grad_clip or float("inf")).item())
+        applied = math.isfinite(loss) and all(math.isfinite(n) for n in norms)
         if self.scaler:
             scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
+            for opt in active:
+                self.scaler.step(opt)
             self.scaler.update()
             applied = applied and self.scaler.get_scale() >= scale  # the scale drops exactly when a step is skipped
         elif applied:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if applied and self.ema is not None:
-            n = self.ema_updates
-            decay = min(self.args.ema_decay, (1 + n) / (10 + n))  # warm-up: early weights are averaged less
-            torch._foreach_lerp_(self.ema, [p.detach() for p in self.model.unet.parameters()], 1 - decay)
-            self.ema_updates += 1
-        return applied, norm
+            for opt in active:
+                opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        if applied:
+            self.after_step(step, logs)
+        return applied, norms[0] if norms else 0.0
+
+    def after_step(self, step: int, logs: dict):
+        """Updates that follow an applied optimizer step (EMA weights, codebook); may add to the step's log."""
 
     # --- state -----------------------------------------------------------------------------------------------
 
     def state_dict(self, step: int) -> dict:
-        model, args = self.model, self.args
+        args = self.args
         epoch, epoch_step = divmod(step, self.sampler.steps_per_epoch)
-        state = dict(step=step, epoch=epoch, epoch_step=epoch_step, images_seen=step * self.global_batch,
-                     unet=model.unet.state_dict(), optimizer=self.optimizer.state_dict(),
-                     scaler=self.scaler.state_dict() if self.scaler else {}, ema_updates=self.ema_updates,
-                     lr_schedule=dict(name=args.lr_schedule, lr=args.lr, warmup_steps=args.warmup_steps,
-                                      total=self.total, last_lr=self.optimizer.param_groups[0]["lr"]),
-                     rng=rng_state(), args=vars(args), world_size=self.world,
-                     model_config=json.dumps(model.model_config()))
-        if self.ema is not None:
-            state["ema"] = dict(zip(model.unet.state_dict().keys(), self.ema))
-        # parts with no file to reload them from (trained, or random from-scratch weights) travel in the checkpoint
-        if args.train_text_encoder or not args.ckpt:
-            state["text_encoder"] = model.text_encoder.state_dict()
-        if not args.ckpt and not args.vae:
-            state["vae"] = model.vae.state_dict()
-        return state
+        return dict(step=step, epoch=epoch, epoch_step=epoch_step, images_seen=step * self.global_batch,
+                    optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict() if self.scaler else {},
+                    lr_schedule=dict(name=args.lr_schedule, lr=args.lr, warmup_steps=args.warmup_steps,
+                                     total=self.total, last_lr=self.optimizer.param_groups[0]["lr"]),
+                    rng=rng_state(), args=vars(args), world_size=self.world, **self.stage_state())
 
     def load_state(self, state: dict):
-        model = self.model
-        model.unet.load_state_dict(state["unet"])
-        for name in ("text_encoder", "vae"):
-            if name in state:
-                getattr(model, name).load_state_dict(state[name])
+        self.load_stage_state(state)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and "ema" in state:
-            for e, v in zip(self.ema, state["ema"].values()):
-                e.copy_(v)
-        self.ema_updates = state["ema_updates"]
         set_rng_state(state["rng"])
         if state["world_size"] != self.world:
             self.print(f"warning: resuming a {state['world_size']}-process run on {self.world}; the data order changes")
@@ -771,75 +515,7 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
 
-    @contextmanager
-    def ema_weights(self):
-        """Temporarily swap the EMA weights into the U-Net (tensor swap, so restoring is exact)."""
-        params = list(self.model.unet.parameters())
-        if self.ema is not None:
-            for p, e in zip(params, self.ema):
-                p.data, e.data = e.data, p.data
-        try:
-            yield
-        finally:
-            if self.ema is not None:
-                for p, e in zip(params, self.ema):
-                    p.data, e.data = e.data, p.data
-
-    def export(self, path: Path):
-        weights = None
-        if self.ema is not None and self.args.export_weights == "ema":
-            weights = dict(zip(self.model.unet.state_dict().keys(), self.ema))
-        ldm.save_safetensors(path, export_tensors(self.model, weights), export_config(self.model))
-
     # --- progress --------------------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def validate(self) -> float | None:
-        """Mean loss over the held-out images at fixed timesteps (spread over 0..999) and fixed noise."""
-        if not self.val_items:
-            return None
-        model, bs = self.model, self.args.batch_size
-        if self.val_cache is None:
-            x, self.val_captions = [], []
-            for path, caption in self.val_items:
-                try:
-                    x.append(load_image(path, self.args.resolution))
-                    self.val_captions.append(caption)
-                except Exception as e:
-                    print(f"warning: validation image {path} is unreadable, left out ({e})", file=sys.stderr)
-            if not x:
-                self.val_items = []
-                return None
-            z0 = torch.cat([self.encode_posterior(torch.stack(x[i:i + bs]))[0] for i in range(0, len(x), bs)])
-            g = step_generator(self.args.seed, 0)  # training steps count from 1: step 0's stream is free
-            t = torch.linspace(0, len(model.alphas_cumprod) - 1, len(x)).round().long()
-            self.val_cache = z0 * model.scale_factor, torch.randn(z0.shape, generator=g).to(self.device), t
-        z0, noise, t = self.val_cache
-        captions = self.val_captions
-        model.eval()
-        total = 0.0
-        for i in range(0, len(z0), bs):
-            ctx = self.encode_text(captions[i:i + bs])
-            with self.autocast():
-                loss = diffusion_loss(model, model.unet, z0[i:i + bs], noise[i:i + bs], t[i:i + bs].to(self.device),
-                                      ctx)
-            total += loss.item() * len(ctx)
-        model.unet.train()
-        model.text_encoder.train(self.args.train_text_encoder)
-        return total / len(z0)
-
-    @torch.no_grad()
-    def sample_grid(self, step: int):
-        model = self.model
-        model.eval()
-        with self.ema_weights(), self.autocast():
-            images = ldm.sample(model, self.prompts, steps=self.args.sample_steps,
-                                guidance_scale=self.args.sample_cfg, seed=self.args.seed,
-                                height=self.args.resolution, width=self.args.resolution, progress=False)
-        model.unet.train()
-        model.text_encoder.train(self.args.train_text_encoder)
-        (self.out / "samples").mkdir(parents=True, exist_ok=True)
-        image_grid(images).save(self.out / "samples" / f"step-{step:07d}.png")
 
     def log(self, record: dict):
         with open(self.out / "log.jsonl", "a") as f:
@@ -887,8 +563,9 @@ class Trainer:
         try:
             tick = time.perf_counter()
             for step in range(self.start, self.total + 1):
-                loss = self.forward_backward(step).item()
-                applied, norm = self.optimizer_step(step, loss)
+                loss, logs = self.forward_backward(step)
+                loss = loss.item()
+                applied, norm = self.optimizer_step(step, loss, logs)
                 now = time.perf_counter()
                 ips, tick = self.global_batch / (now - tick), now
                 # fp16: GradScaler skips overflowing steps while it calibrates; only a non-finite loss counts there
@@ -896,10 +573,11 @@ class Trainer:
                 self.bad_steps = self.bad_steps + 1 if bad else 0
                 lr = self.optimizer.param_groups[0]["lr"]
                 if self.rank == 0:
+                    finite = {k: v for k, v in logs.items() if math.isfinite(v)}
                     self.log(dict(step=step, epoch=(step - 1) // self.sampler.steps_per_epoch,
                                   loss=loss if math.isfinite(loss) else None, lr=lr,
                                   grad_norm=norm if math.isfinite(norm) else None, images_per_s=round(ips, 3),
-                                  applied=applied))
+                                  applied=applied, **finite))
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}", refresh=False)
                     bar.update(1)
                 if self.bad_steps >= args.max_bad_steps:
@@ -908,9 +586,9 @@ class Trainer:
                                      f"{step}); saved the last good weights. Lower --lr, or use --precision bf16/fp32")
                 if args.val_every and step % args.val_every == 0 and self.rank == 0:
                     val = self.validate()
-                    if val is not None:
-                        self.log(dict(step=step, val_loss=val))
-                        bar.write(f"step {step}: val loss {val:.4f}")
+                    if val:
+                        self.log(dict(step=step, **val))
+                        bar.write(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in val.items()))
                 if args.sample_every and step % args.sample_every == 0 and self.rank == 0:
                     self.sample_grid(step)
                 stop = self.stop_agreed()
@@ -928,7 +606,7 @@ class Trainer:
                 signal.signal(s, h)
 
     def finish(self, step: int):
-        """Export final.safetensors (EMA U-Net by default), a last sample grid and the loss curve."""
+        """Export final.safetensors, a last sample grid and the loss curve."""
         if self.rank == 0:
             self.export(self.out / "final.safetensors")
             if not (self.args.sample_every and step % self.args.sample_every == 0):
@@ -939,13 +617,485 @@ class Trainer:
             dist.barrier()
 
 
-def _worker_init(_):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the main process, which stops cleanly
+class UNetTrainer(Trainer):
+    """The latent diffusion stage: the U-Net (and optionally the text encoder) learns to denoise VAE latents; AdamW,
+    an EMA of the U-Net, optional cached latents and caption contexts."""
+
+    def build_model(self, args) -> ldm.LatentDiffusion:
+        if args.ckpt:  # fp32 master weights on the CPU first, then moved
+            model = ldm.load_model(args.ckpt, device="cpu", dtype=torch.float32, prediction_type=args.prediction_type)
+            if args.vae:  # e.g. a fine-tuned SD VAE in place of the checkpoint's own, with its latent scale
+                model.vae = vae_lib.load_autoencoder(args.vae, device="cpu", dtype=torch.float32)
+                model.scale_factor = model.vae.scale_factor
+            return model
+        args.config = args.config or "tiny"
+        if args.config not in ldm.PRESETS:
+            raise SystemExit(f"error: --config {args.config} is a first-stage preset; the U-Net stage takes "
+                             f"{', '.join(sorted(ldm.PRESETS))} (or --stage autoencoder)")
+        torch.manual_seed(args.seed)  # from-scratch weights are a function of the seed (resume rebuilds them)
+        cfg = dict(ldm.PRESETS[args.config])
+        vae = None
+        if args.vae:  # e.g. one trained with --stage autoencoder: its estimated scale factor comes along
+            vae = vae_lib.load_autoencoder(args.vae, device="cpu", dtype=torch.float32)
+            unet_cfg = unet_lib.PRESETS[cfg["unet"]]
+            cfg.update(vae=asdict(replace(vae.cfg, scale_factor=vae.scale_factor)), scale_factor=vae.scale_factor,
+                       unet=asdict(replace(unet_cfg, in_channels=vae.cfg.embed_dim, out_channels=vae.cfg.embed_dim)))
+        model = ldm.build_model(cfg, prediction_type=args.prediction_type)
+        if vae is not None:
+            model.vae = vae
+        return model
+
+    def fill_defaults(self, args):
+        kind = "tiny" if self.model.unet.cfg.model_channels < 320 else "sd"
+        scratch_sd = kind == "sd" and not args.ckpt
+        self.fill(args, dict(DEFAULTS[kind], lr=SCRATCH_SD_LR if scratch_sd else DEFAULTS[kind]["lr"]))
+        args.resolution = args.resolution or self.model.resolution
+        self.downsample_factor = self.model.downsample_factor
+
+    def setup(self, args):
+        model, device = self.model, self.device
+        if not self.has_captions:
+            self.print("no captions found (.txt or metadata.jsonl): training unconditionally with empty prompts")
+        self.latent_shape = (model.latent_channels, args.resolution // model.downsample_factor,
+                             args.resolution // model.downsample_factor)
+        self.prompts = args.sample_prompts or list(dict.fromkeys(
+            self.items[i * len(self.items) // 4][1] for i in range(min(4, len(self.items)))))
+        model.vae.eval().requires_grad_(False)
+        model.text_encoder.train(args.train_text_encoder).requires_grad_(args.train_text_encoder)
+        model.unet.train().requires_grad_(True)
+        model.unet.cfg.use_checkpoint = args.grad_checkpointing
+        self.denoiser = Denoiser(model.unet, model.text_encoder if args.train_text_encoder else None)
+        self.ddp = self.denoiser
+        if self.world > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.denoiser, device_ids=[device.index] if device.type == "cuda" else None)
+        params = [p for p in self.denoiser.parameters() if p.requires_grad]
+        self.optimizers = [torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
+                                             fused=device.type == "cuda")]
+        self.ema = [p.detach().clone() for p in model.unet.parameters()] if args.ema_decay else None
+        self.ema_updates = 0
+        self.latent_cache, self.text_cache = None, None
+        if args.cache_latents:
+            self.build_caches()
+
+    def describe(self) -> str:
+        return (f"{sum(p.numel() for p in self.model.unet.parameters()) / 1e6:.1f}M U-Net parameters, "
+                f"prediction {self.model.prediction_type}")
+
+    @torch.no_grad()
+    def encode_posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images [B, 3, H, W] -> the VAE posterior's (mean, std), unscaled, float32 (std 0 for a VQ model: LDM
+        trains on its pre-quantisation output). bf16 autocast only: the SD VAE overflows in fp16."""
+        with self.autocast(self.amp_dtype == torch.bfloat16):
+            d = self.model.vae.encode(x.to(self.device))
+        if isinstance(d, vae_lib.DiagonalGaussianDistribution):
+            return d.mean.float(), d.std.float()
+        return d.float(), torch.zeros_like(d, dtype=torch.float32)
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        return self.model.text_encoder(self.model.tokenizer(captions).to(self.device)).float()
+
+    def build_caches(self):
+        """Posterior (mean, std) of every training image (and of its mirror image with --flip), and, while the text
+        encoder is frozen, the context of every distinct caption. Kept on the CPU; each step indexes them."""
+        self.print(f"caching latents of {len(self.items)} images")
+        loader = torch.utils.data.DataLoader(ImageDataset(self.items, self.args.resolution, self.args.seed),
+                                             sampler=[(i, 0) for i in range(len(self.items))],
+                                             batch_size=self.args.batch_size, collate_fn=collate,
+                                             num_workers=self.args.num_workers, worker_init_fn=worker_init)
+        means, stds, sources = [], [], []
+        for src, x in tqdm(loader, disable=self.no_bar, desc="caching latents", leave=False):
+            sources.append(src)  # the image actually encoded (a file unreadable now is replaced by the next one)
+            views = [x, x.flip(-1)] if self.args.flip else [x]
+            moments = [self.encode_posterior(v) for v in views]
+            means.append(torch.stack([m for m, _ in moments], 1).cpu())  # (B, views, C, h, w)
+            stds.append(torch.stack([s for _, s in moments], 1).cpu())
+        self.latent_cache, self.cache_source = (torch.cat(means), torch.cat(stds)), torch.cat(sources)
+        if not self.args.train_text_encoder:
+            captions = list(dict.fromkeys([""] + [c for _, c in self.items]))
+            self.caption_id = {c: i for i, c in enumerate(captions)}
+            self.text_cache = torch.cat([self.encode_text(captions[i:i + 256]).cpu()
+                                         for i in range(0, len(captions), 256)])
+
+    # --- one step --------------------------------------------------------------------------------------------
+
+    def randomness(self, step: int, positions: range) -> dict[str, torch.Tensor]:
+        """Everything random about the samples at `positions` of a step's global batch, each from a generator seeded
+        by (seed, step, position): the same numbers whichever rank and micro-batch a sample lands on."""
+        T, shape, draws = len(self.model.alphas_cumprod), self.latent_shape, []
+        for p in positions:
+            g = step_generator(self.args.seed, step, p)
+            draws.append(dict(t=torch.randint(0, T, (1,), generator=g), noise=torch.randn(1, *shape, generator=g),
+                              posterior=torch.randn(1, *shape, generator=g),
+                              offset=torch.randn(1, shape[0], 1, 1, generator=g), drop=torch.rand(1, generator=g)))
+        return {k: torch.cat([d[k] for d in draws]) for k in draws[0]}
+
+    def micro_batch(self, step: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(z0 scaled, noise, t, cond: context or tokens) of micro-batch m of `step` on this rank."""
+        sl, dev = self.sampler.micro_slice(m, self.rank), self.device
+        rnd = self.randomness(step, range(sl.start, sl.stop))
+        if self.latent_cache is not None:
+            idx, epoch = self.sampler.global_batch(step)
+            idx = torch.as_tensor(idx[sl])
+            flips = [int(np.random.default_rng([self.args.seed, epoch, int(i)]).random() < 0.5)
+                     if self.args.flip else 0 for i in idx]  # the draw load_image makes for its flip
+            view = torch.tensor(flips)
+            mean, std = self.latent_cache[0][idx, view].to(dev), self.latent_cache[1][idx, view].to(dev)
+            idx = self.cache_source[idx]
+        else:
+            if self.batches is None:
+                self.batches = self.make_batches(step)
+            idx, x = next(self.batches)
+            mean, std = self.encode_posterior(x)
+        z0 = (mean + std * rnd["posterior"].to(dev)) * self.model.scale_factor
+        noise = (rnd["noise"] + self.args.noise_offset * rnd["offset"]).to(dev)
+        keep = (rnd["drop"] >= self.args.uncond_prob).tolist()
+        captions = [self.items[int(i)][1] if k else "" for i, k in zip(idx, keep)]
+        if self.args.train_text_encoder:
+            cond = self.model.tokenizer(captions).to(dev)
+        elif self.text_cache is not None:
+            cond = self.text_cache[torch.tensor([self.caption_id[c] for c in captions])].to(dev)
+        else:
+            cond = self.encode_text(captions)
+        return z0, noise, rnd["t"].to(dev), cond
+
+    def forward_backward(self, step: int) -> tuple[torch.Tensor, dict]:
+        """Gradients of step `step` accumulated into .grad (synced over ranks); returns the global-batch loss."""
+        accum, losses_ = self.args.grad_accum, []
+        for m in range(accum):
+            z0, noise, t, cond = self.micro_batch(step, m)
+            sync = self.ddp.no_sync() if self.world > 1 and m < accum - 1 else nullcontext()
+            with sync:
+                with self.autocast():
+                    loss = diffusion_loss(self.model, self.ddp, z0, noise, t, cond, self.args.snr_gamma)
+                scaled = loss / accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            losses_.append(loss.detach().float())
+        loss = torch.stack(losses_).mean()
+        if self.world > 1:
+            dist.all_reduce(loss)
+            loss /= self.world
+        return loss, {}
+
+    def after_step(self, step: int, logs: dict):
+        if self.ema is not None:
+            n = self.ema_updates
+            decay = min(self.args.ema_decay, (1 + n) / (10 + n))  # warm-up: early weights are averaged less
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self.model.unet.parameters()], 1 - decay)
+            self.ema_updates += 1
+
+    # --- state -----------------------------------------------------------------------------------------------
+
+    def stage_state(self) -> dict:
+        model, args = self.model, self.args
+        state = dict(unet=model.unet.state_dict(), ema_updates=self.ema_updates,
+                     model_config=json.dumps(model.model_config()))
+        if self.ema is not None:
+            state["ema"] = dict(zip(model.unet.state_dict().keys(), self.ema))
+        # parts with no file to reload them from (trained, or random from-scratch weights) travel in the checkpoint
+        if args.train_text_encoder or not args.ckpt:
+            state["text_encoder"] = model.text_encoder.state_dict()
+        if not args.ckpt and not args.vae:
+            state["vae"] = model.vae.state_dict()
+        return state
+
+    def load_stage_state(self, state: dict):
+        model = self.model
+        model.unet.load_state_dict(state["unet"])
+        for name in ("text_encoder", "vae"):
+            if name in state:
+                getattr(model, name).load_state_dict(state[name])
+        if self.ema is not None and "ema" in state:
+            for e, v in zip(self.ema, state["ema"].values()):
+                e.copy_(v)
+        self.ema_updates = state["ema_updates"]
+
+    @contextmanager
+    def ema_weights(self):
+        """Temporarily swap the EMA weights into the U-Net (tensor swap, so restoring is exact)."""
+        params = list(self.model.unet.parameters())
+        if self.ema is not None:
+            for p, e in zip(params, self.ema):
+                p.data, e.data = e.data, p.data
+        try:
+            yield
+        finally:
+            if self.ema is not None:
+                for p, e in zip(params, self.ema):
+                    p.data, e.data = e.data, p.data
+
+    def export(self, path: Path):
+        weights = None
+        if self.ema is not None and self.args.export_weights == "ema":
+            weights = dict(zip(self.model.unet.state_dict().keys(), self.ema))
+        ldm.save_safetensors(path, export_tensors(self.model, weights), export_config(self.model))
+
+
+    # --- progress --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+
+    @torch.no_grad()
+    def validate(self) -> dict | None:
+        """Mean loss over the held-out images at fixed timesteps (spread over 0..999) and fixed noise."""
+        model, bs = self.model, self.args.batch_size
+        if self.val_cache is None and self.val_items:
+            x, self.val_captions = self.load_images(self.val_items)
+            if x is None:
+                self.val_items = []
+            else:
+                z0 = torch.cat([self.encode_posterior(x[i:i + bs])[0] for i in range(0, len(x), bs)])
+                g = step_generator(self.args.seed, 0)  # training steps count from 1: step 0's stream is free
+                t = torch.linspace(0, len(model.alphas_cumprod) - 1, len(x)).round().long()
+                self.val_cache = z0 * model.scale_factor, torch.randn(z0.shape, generator=g).to(self.device), t
+        if not self.val_items:
+            return None
+        z0, noise, t = self.val_cache
+        captions = self.val_captions
+        model.eval()
+        total = 0.0
+        for i in range(0, len(z0), bs):
+            ctx = self.encode_text(captions[i:i + bs])
+            with self.autocast():
+                loss = diffusion_loss(model, model.unet, z0[i:i + bs], noise[i:i + bs], t[i:i + bs].to(self.device),
+                                      ctx)
+            total += loss.item() * len(ctx)
+        model.unet.train()
+        model.text_encoder.train(self.args.train_text_encoder)
+        return dict(val_loss=total / len(z0))
+
+    @torch.no_grad()
+    def sample_grid(self, step: int):
+        model = self.model
+        model.eval()
+        with self.ema_weights(), self.autocast():
+            images = ldm.sample(model, self.prompts, steps=self.args.sample_steps,
+                                guidance_scale=self.args.sample_cfg, seed=self.args.seed,
+                                height=self.args.resolution, width=self.args.resolution, progress=False)
+        model.unet.train()
+        model.text_encoder.train(self.args.train_text_encoder)
+        (self.out / "samples").mkdir(parents=True, exist_ok=True)
+        image_grid(images).save(self.out / "samples" / f"step-{step:07d}.png")
+
+
+
+class AutoencoderTrainer(Trainer):
+    """The first stage: a KL or VQ autoencoder learns to reconstruct images under the LDM loss (L1 + LPIPS + KL or
+    codebook term + a PatchGAN from --disc-start), with two Adam optimizers as the original: autoencoder (+ the
+    learned logvar) and discriminator. final.safetensors is a standalone first-stage file (vae.load_autoencoder)
+    carrying the estimated latent scale factor."""
+
+    def build_model(self, args) -> vae_lib.AutoencoderKL | vae_lib.VQModel:
+        if args.ckpt:
+            return vae_lib.load_autoencoder(args.ckpt, device="cpu", dtype=torch.float32)
+        args.config = args.config or "tiny-kl"
+        if args.config not in vae_lib.PRESETS:
+            raise SystemExit(f"error: --config {args.config} is not a first-stage preset; --stage autoencoder takes "
+                             f"{', '.join(sorted(vae_lib.PRESETS))}")
+        torch.manual_seed(args.seed)  # from-scratch weights are a function of the seed (resume rebuilds them)
+        return vae_lib.build_autoencoder(vae_lib.PRESETS[args.config])
+
+    def fill_defaults(self, args):
+        cfg = self.model.cfg
+        self.tiny = cfg.ch < 128
+        self.loss_preset = losses.PRESETS["vq-f4" if cfg.is_vq else "kl-f8"]
+        self.fill(args, dict(AE_DEFAULTS["tiny" if self.tiny else "sd"], disc_start=self.loss_preset.disc_start,
+                             disc_weight=self.loss_preset.disc_weight))
+        if args.lr is None:
+            args.lr = AE_BASE_LR * args.batch_size * args.grad_accum * self.world
+        args.resolution = args.resolution or cfg.resolution
+        self.downsample_factor = 2 ** (len(cfg.ch_mult) - 1)
+        if args.cache_latents:
+            raise SystemExit("error: --cache-latents is a U-Net stage setting")
+
+    def setup(self, args):
+        model, device = self.model, self.device
+        torch.manual_seed(args.seed)  # the discriminator's initial weights
+        lcfg = replace(self.loss_preset, disc_start=args.disc_start, disc_weight=args.disc_weight,
+                       kl_weight=args.kl_weight, l2_weight=args.l2_weight, disc_ndf=32 if self.tiny else 64,
+                       perceptual_weight=1.0 if args.perceptual_weights else 0.0)
+        if not args.perceptual_weights:
+            self.print("no --perceptual-weights: the perceptual (LPIPS) term is off; pass torchvision VGG16 + LPIPS "
+                       "lin weights, or an LDM first-stage checkpoint")
+        # without weights a width-1 LPIPS keeps the module layout at no cost (it is never evaluated)
+        self.loss = losses.build_loss(lcfg, args.perceptual_weights, 64 if args.perceptual_weights else 1).to(device)
+        model.train().requires_grad_(True)
+        if args.train_decoder_only:
+            model.requires_grad_(False)
+            model.post_quant_conv.requires_grad_(True)
+            model.decoder.requires_grad_(True)
+        self.codebook = None
+        if model.cfg.is_vq and (args.codebook_ema or args.restart_dead_codes):
+            self.codebook = vae_lib.CodebookEMA(model.quantize, ema=args.codebook_ema,
+                                                restart_after=args.restart_dead_codes)
+        ae_params = [p for p in model.parameters() if p.requires_grad]
+        ae_params += [self.loss.logvar] if hasattr(self.loss, "logvar") else []
+        self.params = ae_params + list(self.loss.discriminator.parameters())
+        self.optimizers = [torch.optim.Adam(ps, lr=args.lr, betas=(0.5, 0.9), fused=device.type == "cuda")
+                           for ps in (ae_params, self.loss.discriminator.parameters())]
+        self.grid_cache = None
+
+    def describe(self) -> str:
+        n_ae = sum(p.numel() for p in self.model.parameters()) / 1e6
+        n_d = sum(p.numel() for p in self.loss.discriminator.parameters()) / 1e6
+        kind = f"VQ, {self.model.cfg.n_embed} codes" if self.model.cfg.is_vq else "KL"
+        return (f"{n_ae:.1f}M autoencoder parameters ({kind}, f{self.downsample_factor}), {n_d:.1f}M discriminator "
+                f"from step {self.args.disc_start + 1}")
+
+    # --- one step --------------------------------------------------------------------------------------------
+
+    def reconstruct(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """(reconstruction, parts the loss needs). KL: the posterior sampled with `noise` (its mode when None);
+        VQ: the quantiser input z (B, C, h, w), its flat codes and the codebook loss."""
+        model = self.model
+        if not model.cfg.is_vq:
+            posterior = model.encode(x)
+            z = posterior.mode() if noise is None else posterior.mean + posterior.std * noise
+            return model.decode(z), dict(posterior=posterior)
+        z = model.encode(x)
+        quant, qloss, (_, _, indices) = model.quantize(z)
+        return model.decoder(model.post_quant_conv(quant)), dict(z=z, indices=indices, qloss=qloss)
+
+    def forward_backward(self, step: int) -> tuple[torch.Tensor, dict]:
+        """Both losses of step `step`: the autoencoder's (reconstruction, KL/codebook, GAN term once the
+        discriminator is on) with the discriminator frozen, then the discriminator's on detached reconstructions.
+        Gradients are averaged over ranks by hand (two models, two optimizers, an adaptive weight: no DDP wrapper)."""
+        args, model, dev = self.args, self.model, self.device
+        gstep = step - 1  # the reference's global_step counts from 0
+        disc_on = gstep >= args.disc_start
+        accum, totals, records = args.grad_accum, [], []
+        self.codes = []
+        for m in range(accum):
+            _, x = next(self.batches)
+            x = x.to(dev, non_blocking=True)
+            sl = self.sampler.micro_slice(m, self.rank)
+            h = args.resolution // self.downsample_factor
+            noise = torch.cat([torch.randn(1, model.cfg.embed_dim, h, h, generator=step_generator(args.seed, step, p))
+                               for p in range(sl.start, sl.stop)]).to(dev)  # per-sample: same on any rank split
+            self.loss.discriminator.requires_grad_(False)
+            with self.autocast():
+                recon, parts = self.reconstruct(x, noise)
+                if model.cfg.is_vq:
+                    loss, log = self.loss(parts["qloss"], x, recon, 0, gstep, last_layer=model.get_last_layer())
+                    self.codes.append((parts["z"].detach(), parts["indices"]))
+                else:
+                    loss, log = self.loss(x, recon, parts["posterior"], 0, gstep, last_layer=model.get_last_layer())
+            self.loss.discriminator.requires_grad_(True)
+            scaled = loss / accum
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            if disc_on:
+                with self.autocast():
+                    d_loss, d_log = self.loss.discriminator_loss(x, recon, gstep)
+                log.update(d_log)
+                (self.scaler.scale(d_loss / accum) if self.scaler else d_loss / accum).backward()
+            totals.append(loss.detach().float())
+            records.append({k: float(v) for k, v in log.items() if k != "total_loss"})
+        loss = torch.stack(totals).mean()
+        if self.world > 1:
+            dist.all_reduce(loss)
+            loss /= self.world
+            for p in self.params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
+        logs = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
+        if model.cfg.is_vq:
+            perplexity, used = vae_lib.codebook_stats(torch.cat([i for _, i in self.codes]), model.cfg.n_embed)
+            logs.update(perplexity=perplexity.item(), codes_used=int(used))
+        return loss, logs
+
+    def after_step(self, step: int, logs: dict):
+        if self.codebook is not None:
+            z = torch.cat([z for z, _ in self.codes])
+            stats = self.codebook.update(z, torch.cat([i for _, i in self.codes]), step_generator(self.args.seed, step))
+            logs["codes_restarted"] = int(stats["codes_restarted"])
+        self.codes = []
+
+    # --- state -----------------------------------------------------------------------------------------------
+
+    def stage_state(self) -> dict:
+        state = dict(autoencoder=self.model.state_dict(), discriminator=self.loss.discriminator.state_dict(),
+                     disc_optimizer=self.optimizers[1].state_dict(), vae_config=json.dumps(asdict(self.model.cfg)))
+        if hasattr(self.loss, "logvar"):
+            state["logvar"] = self.loss.logvar.detach()
+        if self.codebook is not None:
+            state["codebook_ema"] = self.codebook.state_dict()
+        return state
+
+    def load_stage_state(self, state: dict):
+        self.model.load_state_dict(state["autoencoder"])
+        self.loss.discriminator.load_state_dict(state["discriminator"])
+        self.optimizers[1].load_state_dict(state["disc_optimizer"])
+        if "logvar" in state:
+            self.loss.logvar.data.copy_(state["logvar"])
+        if self.codebook is not None and "codebook_ema" in state:
+            self.codebook.load_state_dict(state["codebook_ema"])
+
+    def export(self, path: Path):
+        """Standalone first-stage file (our keys, no prefix) with the estimated scale factor and the config in its
+        metadata, so vae.load_autoencoder rebuilds any size and sets .scale_factor."""
+        n = min(512, len(self.items))
+        loader = torch.utils.data.DataLoader(ImageDataset(self.items, self.args.resolution, self.args.seed),
+                                             sampler=[(i, 0) for i in range(n)], batch_size=self.args.batch_size,
+                                             collate_fn=collate, num_workers=self.args.num_workers,
+                                             worker_init_fn=worker_init)
+        scale = vae_lib.estimate_scale_factor(self.model, (x for _, x in loader), max_images=n)
+        self.model.scale_factor = scale
+        self.print(f"scale factor 1/std = {scale:.4f} (over {n} training images)")
+        cfg = replace(self.model.cfg, scale_factor=scale)
+        ldm.save_safetensors(path, {k: v.detach() for k, v in self.model.state_dict().items()},
+                             {"scale_factor": repr(scale), "vae_config": json.dumps(asdict(cfg))})
+
+    # --- progress --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reconstruct_eval(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstructions (posterior mode) in [-1, 1], in batches, eval mode."""
+        self.model.eval()
+        bs = self.args.batch_size
+        with self.autocast():
+            out = torch.cat([self.reconstruct(x[i:i + bs].to(self.device))[0].float() for i in range(0, len(x), bs)])
+        self.model.train()
+        return out.clamp(-1, 1)
+
+    def validate(self) -> dict | None:
+        """PSNR (dB), SSIM and L1 of the held-out images' reconstructions."""
+        if self.val_cache is None and self.val_items:
+            self.val_cache = self.load_images(self.val_items)[0]
+            if self.val_cache is None:
+                self.val_items = []
+        if not self.val_items:
+            return None
+        x = self.val_cache.to(self.device)
+        rec = self.reconstruct_eval(x)
+        out = dict(val_psnr=losses.psnr(rec, x).item(), val_l1=(rec - x).abs().mean().item())
+        if min(x.shape[-2:]) >= 11:  # SSIM's 11x11 window
+            out["val_ssim"] = losses.ssim(rec / 2 + 0.5, x / 2 + 0.5).item()
+        return out
+
+    def sample_grid(self, step: int):
+        """Inputs and reconstructions side by side: four fixed images (held-out ones first)."""
+        if self.grid_cache is None:
+            self.grid_cache = self.load_images((self.val_items + self.items)[:4])[0]
+        x = self.grid_cache.to(self.device)
+        pairs = [im for pair in zip(ldm.to_pil(x), ldm.to_pil(self.reconstruct_eval(x))) for im in pair]
+        (self.out / "samples").mkdir(parents=True, exist_ok=True)
+        image_grid(pairs).save(self.out / "samples" / f"step-{step:07d}.png")
+
+
+def make_trainer(args: argparse.Namespace, explicit: set[str] = frozenset()) -> Trainer:
+    """The stage's trainer; on --resume the stage is the checkpoint's unless --stage is given."""
+    resumed = load_latest_checkpoint(Path(args.out)) if args.resume else None
+    stage = args.stage
+    if resumed and resumed[0] is not None and "stage" not in explicit:
+        stage = resumed[0]["args"].get("stage", "unet")
+    return (AutoencoderTrainer if stage == "autoencoder" else UNetTrainer)(args, explicit, resumed)
 
 
 def main(argv: list[str] = None):
     args, explicit = parse_args(argv)
-    trainer = Trainer(args, explicit)
+    trainer = make_trainer(args, explicit)
     try:
         trainer.run()
     finally:

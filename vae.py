@@ -529,6 +529,9 @@ def load_autoencoder(path: str | os.PathLike, *, device: torch.device | str | No
         if any(k.startswith("first_stage_model.") for k in state_dict):  # a full LDM/SD file: take its VAE
             state_dict = {k[len("first_stage_model."):]: v for k, v in state_dict.items()
                           if k.startswith("first_stage_model.")}
+    if cfg is None and "vae_config" in metadata:  # written by train.py --stage autoencoder: exact sizes and scale
+        fields = json.loads(metadata["vae_config"])
+        cfg = AutoencoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
     model = autoencoder_from_state_dict(state_dict, cfg)
     if "scale_factor" in metadata:
         model.scale_factor = float(metadata["scale_factor"])

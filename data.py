@@ -1,0 +1,166 @@
+"""Image folders for training: captions, decoding, augmentation, and the step-indexed sampler that makes the
+data order a function of (seed, step) alone, so resumed and multi-process runs see the same batches.
+
+Each step's global batch is fixed by (seed, epoch, position): epoch e is a permutation of the training set seeded by
+(seed, e), augmentations are seeded by (seed, epoch, image).
+"""
+
+import json
+import os
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def find_images(root: str | os.PathLike) -> tuple[list[tuple[Path, str]], bool]:
+    """[(image path, caption)] from a metadata.jsonl (file_name, text) or a recursive scan with same-named .txt
+    captions, and whether any caption exists. Errors (no folder, no images) are one-line SystemExits."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SystemExit(f"error: --data {root}: no such folder")
+    meta = root / "metadata.jsonl"
+    items = []
+    if meta.exists():
+        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                    items.append((root / rec["file_name"], rec.get("text")))
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise SystemExit(f"error: {meta}:{n}: expected {{\"file_name\": ..., \"text\": ...}} ({e})")
+    else:
+        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()):
+            txt = path.with_suffix(".txt")
+            items.append((path, txt.read_text(encoding="utf-8").strip() if txt.exists() else None))
+    if not items:
+        raise SystemExit(f"error: --data {root}: no images found (looked for {', '.join(IMAGE_EXTS)} recursively, "
+                         "or a metadata.jsonl)")
+    has_captions = any(c for _, c in items)
+    return [(p, str(c or "")) for p, c in items], has_captions
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16-bit greyscale rescaled, transparency composited onto white."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        scale = 257.0 if arr.max() > 255 else 1.0  # 65535 / 255: 16-bit range onto 8 bits
+        im = Image.fromarray((arr / scale).clip(0, 255).round().astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA", "P", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return im.convert("RGB")
+
+
+def load_image(path: Path, resolution: int, rng: np.random.Generator = None, random_crop: bool = False,
+               flip: bool = False) -> torch.Tensor:
+    """[3, R, R] in [-1, 1]: EXIF-rotated, RGB, short side resized to R, centre (or random) crop, optional flip.
+    Random choices come from `rng`, seeded per (seed, epoch, image) by the caller."""
+    with Image.open(path) as im:
+        im = to_rgb(ImageOps.exif_transpose(im))
+    w, h = im.size
+    s = resolution / min(w, h)
+    im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+    w, h = im.size
+    if random_crop:
+        left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
+    else:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    im = im.crop((left, top, left + resolution, top + resolution))
+    if flip and rng.random() < 0.5:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    x = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, R, R)
+    return x / 127.5 - 1.0
+
+
+def readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (256, 256))  # JPEG: decode at reduced scale, still reading every byte
+            im.load()
+        return True
+    except Exception:  # PIL raises many types for damaged files (OSError, SyntaxError, ValueError, ...)
+        return False
+
+
+def check_images(items: list[tuple[Path, str]], progress: bool = False) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """(readable items, unreadable paths): every image is decoded once before training (threads; PIL decodes
+    without the GIL), so a damaged or truncated file is reported up front instead of failing mid-run."""
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        ok = list(tqdm(pool.map(readable, [p for p, _ in items]), total=len(items), desc="checking images",
+                       disable=not progress, leave=False))
+    return [it for it, good in zip(items, ok) if good], [p for (p, _), good in zip(items, ok) if not good]
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Item (index, epoch) -> (index, image [3, R, R]); augmentation seeded by (seed, epoch, index). A file that
+    fails to decode now (it passed check_images) is replaced by the next readable image, so batches keep their size."""
+
+    def __init__(self, items: list[tuple[Path, str]], resolution: int, seed: int, random_crop=False, flip=False):
+        self.items, self.resolution, self.seed = items, resolution, seed
+        self.random_crop, self.flip = random_crop, flip
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, torch.Tensor]:
+        index, epoch = key
+        for k in range(len(self.items)):
+            i = (index + k) % len(self.items)
+            try:
+                rng = np.random.default_rng([self.seed, epoch, i])
+                return i, load_image(self.items[i][0], self.resolution, rng, self.random_crop, self.flip)
+            except Exception as e:
+                print(f"warning: skipping unreadable image {self.items[i][0]} ({e})", file=sys.stderr)
+        raise RuntimeError("no readable image left")
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """This rank's micro-batches of (index, epoch) for steps start..total. Epoch e is a permutation of the training
+    set seeded by (seed, e); step k of the epoch takes its positions [k G, (k + 1) G), G = batch * ranks * accum,
+    cut into accum micro-batches, each cut into ranks (DistributedSampler-like)."""
+
+    def __init__(self, n: int, batch_size: int, world: int, rank: int, accum: int, seed: int, start: int, total: int):
+        self.n, self.B, self.W, self.rank, self.accum, self.seed = n, batch_size, world, rank, accum, seed
+        self.start, self.total = start, total
+        self.G = batch_size * world * accum
+        self.steps_per_epoch = max(1, n // self.G)  # drop the last partial global batch; tile sets smaller than G
+
+    @lru_cache(maxsize=2)
+    def permutation(self, epoch: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return np.tile(perm, -(-self.G // self.n)) if self.n < self.G else perm
+
+    def global_batch(self, step: int) -> tuple[np.ndarray, int]:
+        epoch, k = divmod(step - 1, self.steps_per_epoch)
+        return self.permutation(epoch)[k * self.G:(k + 1) * self.G], epoch
+
+    def micro_slice(self, m: int, rank: int = None) -> slice:
+        """Positions in the global batch of micro-batch m on `rank`."""
+        lo = (m * self.W + (self.rank if rank is None else rank)) * self.B
+        return slice(lo, lo + self.B)
+
+    def __iter__(self):
+        for step in range(self.start, self.total + 1):
+            idx, epoch = self.global_batch(step)
+            for m in range(self.accum):
+                yield [(int(i), epoch) for i in idx[self.micro_slice(m)]]
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start + 1) * self.accum
+
+
+def collate(batch: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor([i for i, _ in batch]), torch.stack([x for _, x in batch])
+
+
+def worker_init(_):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the main process, which stops cleanly
