@@ -1,12 +1,16 @@
-"""Train or fine-tune the text-conditioned U-Net of a latent diffusion model on a folder of captioned images.
+"""Train or fine-tune a latent diffusion model's U-Net, or its first-stage autoencoder, on a folder of images.
 
-The VAE and the text encoder stay frozen (unless --train-text-encoder) and the U-Net learns
+--stage unet (default): the VAE and the text encoder stay frozen (unless --train-text-encoder) and the U-Net learns
     loss = || target - unet(z_t, t, c) ||^2,  z_t = sqrt(a_t) z0 + sqrt(1 - a_t) eps,  z0 = scale_factor * E(x)
 with target = eps, or v = sqrt(a_t) eps - sqrt(1 - a_t) z0 for v-prediction models.
+--stage autoencoder: a KL or VQ autoencoder learns reconstruction (L1, LPIPS, KL or codebook term, PatchGAN), and
+its export carries scale_factor = 1 / std of its latents for the U-Net stage.
 
     python train.py --data my_images/ --ckpt v1-5-pruned-emaonly.safetensors --out runs/cats
     python train.py --data my_images/ --out runs/cats --resume          # after a crash or Ctrl-C
     torchrun --nproc_per_node 8 train.py --data my_images/ --ckpt ... --out runs/big
+    python train.py --data my_images/ --stage autoencoder --config kl-f8 --out runs/vae
+    python train.py --data my_images/ --vae runs/vae/final.safetensors --config tiny --out runs/ldm
 
 Everything random is a function of (--seed, step): each epoch is a permutation seeded by (seed, epoch), the timestep
 and noise of the sample at position p of a step's global batch come from a generator seeded by (seed, step, p), and
@@ -119,7 +123,7 @@ def make_parser() -> argparse.ArgumentParser:
     a("--no-progress", action="store_true", help="no progress bar")
     # autoencoder stage
     a("--train-decoder-only", action="store_true", help="freeze the encoder (fine-tune a VAE's decoder, as vae-ft-mse)")
-    a("--disc-start", type=int, help="step from which the discriminator trains and the GAN term counts "
+    a("--disc-start", type=int, help="steps before the discriminator trains and the GAN term counts "
                                      "(default: the preset's, 50001 KL, 0 VQ, 250 tiny)")
     a("--disc-weight", type=float, help="weight of the adaptive GAN term (default: 0.5 KL, 0.75 VQ)")
     a("--kl-weight", type=float, default=1e-6, help="weight of the KL term (KL autoencoders)")
@@ -900,8 +904,8 @@ class AutoencoderTrainer(Trainer):
         cfg = self.model.cfg
         self.tiny = cfg.ch < 128
         self.loss_preset = losses.PRESETS["vq-f4" if cfg.is_vq else "kl-f8"]
-        self.fill(args, dict(AE_DEFAULTS["tiny" if self.tiny else "sd"], disc_start=self.loss_preset.disc_start,
-                             disc_weight=self.loss_preset.disc_weight))
+        self.fill(args, dict(dict(disc_start=self.loss_preset.disc_start, disc_weight=self.loss_preset.disc_weight),
+                             **AE_DEFAULTS["tiny" if self.tiny else "sd"]))
         if args.lr is None:
             args.lr = AE_BASE_LR * args.batch_size * args.grad_accum * self.world
         args.resolution = args.resolution or cfg.resolution
@@ -966,6 +970,8 @@ class AutoencoderTrainer(Trainer):
         disc_on = gstep >= args.disc_start
         accum, totals, records = args.grad_accum, [], []
         self.codes = []
+        if self.batches is None:
+            self.batches = self.make_batches(step)
         for m in range(accum):
             _, x = next(self.batches)
             x = x.to(dev, non_blocking=True)
