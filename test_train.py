@@ -444,6 +444,28 @@ def test_autoencoder_export_scale_factor_reaches_the_unet_stage_and_sampling(tmp
     assert images[0].size == (64, 64)
 
 
+def test_autoencoder_fine_tunes_the_decoder_only_and_stops_on_non_finite_losses(tmp_path, monkeypatch):
+    make_images(tmp_path / "d", 4)
+    torch.manual_seed(1)
+    base = vae_lib.build_autoencoder(vae_lib.PRESETS["tiny-kl"])
+    ldm.save_safetensors(tmp_path / "base.safetensors", base.state_dict())
+    argv = ["--data", str(tmp_path / "d"), "--ckpt", str(tmp_path / "base.safetensors"), "--steps", "2"] + AE
+    train.main(argv + ["--out", str(tmp_path / "a"), "--train-decoder-only", "--disc-start", "0"])
+    tuned = vae_lib.load_autoencoder(tmp_path / "a" / "final.safetensors").state_dict()
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, tuned[k]) != k.startswith(("decoder.", "post_quant_conv.")), k
+    real = train.AutoencoderTrainer.reconstruct
+
+    def nan_reconstruction(self, x, noise=None):
+        recon, parts = real(self, x, noise)
+        return recon * float("nan"), parts
+
+    monkeypatch.setattr(train.AutoencoderTrainer, "reconstruct", nan_reconstruction)
+    with pytest.raises(SystemExit, match="not finite for 5 steps"):
+        train.main(argv + ["--out", str(tmp_path / "b"), "--steps", "50"])
+    state, _ = train.load_latest_checkpoint(tmp_path / "b")
+    assert state["step"] == 5 and all(torch.equal(v, base.state_dict()[k]) for k, v in state["autoencoder"].items())
+
 def test_stage_presets_are_checked(tmp_path):
     make_images(tmp_path / "d", 2)
     with pytest.raises(SystemExit, match="not a first-stage preset"):
