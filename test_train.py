@@ -1,5 +1,6 @@
 """train.py tests: CPU, the tiny preset at 32x32 on small synthetic image folders."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -465,6 +466,27 @@ def test_autoencoder_fine_tunes_the_decoder_only_and_stops_on_non_finite_losses(
         train.main(argv + ["--out", str(tmp_path / "b"), "--steps", "50"])
     state, _ = train.load_latest_checkpoint(tmp_path / "b")
     assert state["step"] == 5 and all(torch.equal(v, base.state_dict()[k]) for k, v in state["autoencoder"].items())
+
+def test_autoencoder_perceptual_weights_and_gan_state_from_a_first_stage_checkpoint(tmp_path, capsys):
+    """A narrow LPIPS (random weights, our layout) switches the perceptual term on; an LDM-style first-stage file
+    with `loss.*` keys brings its discriminator and logvar along."""
+    make_images(tmp_path / "d", 4)
+    torch.manual_seed(2)
+    lpips = losses_lib.LPIPS(width=4)
+    for p in lpips.parameters():
+        p.data = torch.rand(p.shape) * 0.1
+    ldm.save_safetensors(tmp_path / "lpips.safetensors", lpips.state_dict())
+    ae = vae_lib.build_autoencoder(vae_lib.PRESETS["tiny-kl"])
+    gan = losses_lib.build_loss(dataclasses.replace(losses_lib.PRESETS["kl-f8"], disc_ndf=32, perceptual_weight=0))
+    gan.logvar.data.fill_(0.5)
+    ldm.save_safetensors(tmp_path / "ae.safetensors", {**ae.state_dict(), **{
+        "loss." + k: v for k, v in gan.state_dict().items() if not k.startswith("perceptual_loss.")}})
+    train.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "out"), "--steps", "1", "--ckpt",
+                str(tmp_path / "ae.safetensors"), "--perceptual-weights", str(tmp_path / "lpips.safetensors")] + AE)
+    out = capsys.readouterr().out
+    assert "LPIPS) term is off" not in out and "discriminator and logvar from" in out
+    (rec,) = read_log(tmp_path / "out")
+    assert rec["p_loss"] > 0 and rec["logvar"] == pytest.approx(0.5, abs=0.01)
 
 def test_stage_presets_are_checked(tmp_path):
     make_images(tmp_path / "d", 2)

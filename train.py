@@ -919,11 +919,19 @@ class AutoencoderTrainer(Trainer):
         lcfg = replace(self.loss_preset, disc_start=args.disc_start, disc_weight=args.disc_weight,
                        kl_weight=args.kl_weight, l2_weight=args.l2_weight, disc_ndf=32 if self.tiny else 64,
                        perceptual_weight=1.0 if args.perceptual_weights else 0.0)
-        if not args.perceptual_weights:
+        lpips = losses.LPIPS.from_pretrained(*args.perceptual_weights) if args.perceptual_weights else None
+        if lpips is None:
             self.print("no --perceptual-weights: the perceptual (LPIPS) term is off; pass torchvision VGG16 + LPIPS "
                        "lin weights, or an LDM first-stage checkpoint")
         # without weights a width-1 LPIPS keeps the module layout at no cost (it is never evaluated)
-        self.loss = losses.build_loss(lcfg, args.perceptual_weights, 64 if args.perceptual_weights else 1).to(device)
+        self.loss = losses.build_loss(lcfg, lpips and lpips.state_dict(), lpips.chns[0] if lpips else 1).to(device)
+        if args.ckpt and not os.path.isdir(args.ckpt):  # an LDM first-stage checkpoint: its trained GAN state too
+            trained = {k[len("loss."):]: v for k, v in ldm.read_checkpoint(args.ckpt)[0].items()
+                       if k.startswith(("loss.discriminator.", "loss.logvar"))}
+            own = {k: v for k, v in self.loss.state_dict().items() if not k.startswith("perceptual_loss.")}
+            if trained and all(k in trained and trained[k].shape == v.shape for k, v in own.items()):
+                self.loss.load_state_dict({**self.loss.state_dict(), **trained})
+                self.print(f"discriminator{' and logvar' * ('logvar' in own)} from {args.ckpt}")
         model.train().requires_grad_(True)
         if args.train_decoder_only:
             model.requires_grad_(False)
