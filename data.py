@@ -81,6 +81,13 @@ def load_image(path: Path, resolution: int, rng: np.random.Generator = None, ran
     return x / 127.5 - 1.0
 
 
+def split_items(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held-out): a seeded split, the same for every run with the same data, fraction and seed."""
+    order = np.random.default_rng([seed, 1]).permutation(len(items))
+    n_val = int(len(items) * val_fraction) if len(items) > 1 else 0
+    return [items[i] for i in sorted(order[:len(items) - n_val])], [items[i] for i in sorted(order[len(items) - n_val:])]
+
+
 def readable(path: Path) -> bool:
     try:
         with Image.open(path) as im:

@@ -27,15 +27,6 @@ FAST = ["--resolution", "32", "--batch-size", "4", "--num-workers", "0", "--no-p
         "--sample-steps", "2", "--val-fraction", "0", "--save-every", "1000"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and spinning OpenMP threads slow down badly on a busy
-    machine; restored for the other test files."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_images(folder: Path, n: int, captions: str | None = "txt", size: int = 40) -> list[str]:
     """n synthetic images (a coloured square on a plain background, various sizes and modes) with captions in
@@ -513,3 +504,20 @@ def test_two_process_autoencoder_matches_single_process_gradient(tmp_path):
         torch.testing.assert_close(ddp_grads[n], p.grad, rtol=1e-4, atol=1e-6)
     assert [r["step"] for r in read_log(tmp_path / "ddp")] == [1, 2]
     assert vae_lib.load_autoencoder(tmp_path / "ddp" / "final.safetensors").cfg.n_embed == 64
+
+
+def test_compare_vae_report(tmp_path):
+    """The KL-vs-VQ command runs its four stages and writes a complete report."""
+    import compare_vae
+    make_images(tmp_path / "d", 12)
+    out = tmp_path / "cmp"
+    compare_vae.main(["--data", str(tmp_path / "d"), "--out", str(out), "--resolution", "32", "--ae-steps", "2",
+                      "--unet-steps", "2", "--batch-size", "2", "--val-fraction", "0.25",
+                      "--extra", "--val-every", "1", "--sample-every", "0", "--sample-steps", "1", "--save-every", "0",
+                      "--num-workers", "0"])
+    report = (out / "report.md").read_text()
+    for label in ("compression", "held-out PSNR", "held-out SSIM", "latent std", "codebook codes used",
+                  "U-Net validation loss"):
+        assert label in report
+    assert "nan" not in report.lower()
+    assert Image.open(out / "report.png").size == (3 * 32, 3 * 32)  # 3 held-out images x (input, KL, VQ)

@@ -14,15 +14,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MANIFESTS = {"sd": "sd-vae", "kl-f8": "ldm-kl-f8", "vq-f4": "ldm-vq-f4", "vq-f4-noattn": "ldm-vq-f4-noattn"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convolutions gain nothing from intra-op threads, and spinning OpenMP threads stall badly on a busy
-    machine; restored for the other test files."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _load_gen():
     spec = importlib.util.spec_from_file_location("gen_vae", os.path.join(HERE, "fixtures", "gen_vae.py"))

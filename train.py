@@ -42,7 +42,8 @@ import ldm
 import losses
 import unet as unet_lib
 import vae as vae_lib
-from data import ImageDataset, StepSampler, check_images, collate, find_images, load_image, worker_init
+from data import (ImageDataset, StepSampler, check_images, collate, find_images, load_image, split_items,
+                  worker_init)
 
 # Defaults by model size ("tiny": CPU-sized, learns in a few dozen steps; "sd": SD 1.x/2.x-sized fine-tuning).
 DEFAULTS = {
@@ -377,10 +378,7 @@ class Trainer:
         self.args = args
 
         # data: a seeded held-out split, then the step sampler over the rest
-        order = np.random.default_rng([args.seed, 1]).permutation(len(items))
-        n_val = int(len(items) * args.val_fraction) if len(items) > 1 else 0
-        self.val_items = [items[i] for i in sorted(order[len(items) - n_val:])]
-        self.items = [items[i] for i in sorted(order[:len(items) - n_val])]
+        self.items, self.val_items = split_items(items, args.val_fraction, args.seed)
         self.sampler = StepSampler(len(self.items), args.batch_size, self.world, self.rank, args.grad_accum,
                                    args.seed, 1, 0)
         self.global_batch = self.sampler.G
