@@ -316,6 +316,7 @@ PRESETS = {
     "sd1": dict(unet="sd1", vae="sd", text="sd1", scale_factor=0.18215, prediction_type="eps", resolution=512),
     "sd2": dict(unet="sd2", vae="sd", text="sd2", scale_factor=0.18215, prediction_type="v", resolution=768),
     "tiny": dict(unet="tiny", vae="tiny-kl", text="tiny", scale_factor=1.0, prediction_type="eps", resolution=64),
+    "small": dict(unet="small", vae="tiny-kl", text="tiny", scale_factor=1.0, prediction_type="eps", resolution=64),
 }
 
 
