@@ -13,6 +13,7 @@ IGNORED (known and deliberately dropped) or an error.
     images = ldm.sample(model, ["a red apple"], seed=0)
 """
 
+import argparse
 import contextlib
 import hashlib
 import http.client
@@ -713,6 +714,14 @@ def load_model(path: str | os.PathLike = None, *, device=None, dtype=None,
         print(f"{path.name}: SD 2.x checkpoint, prediction type probed as {model.prediction_type!r} "
               "(pass prediction_type='eps' or 'v' to override)")
     return model.eval().requires_grad_(False)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """For the command-line scripts: defaults in --help, except None and off switches (their help says what
+    happens without them)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -34,16 +34,9 @@ class CliError(Exception):
     """A problem with what the user asked for: printed as one line, exit code 2."""
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows every default but None: those flags say in their help what happens without them."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate images with a Stable Diffusion checkpoint.",
-                                formatter_class=HelpFormatter)
+                                formatter_class=ldm.HelpFormatter)
     p.add_argument("prompt", nargs="?", help="what to draw (optional with --prompts-file or --replay)")
     p.add_argument("--negative", metavar="TEXT", help="negative prompt: what to steer away from")
     p.add_argument("--prompts-file", type=Path, metavar="FILE", help="UTF-8 text file, one prompt per line (blank "

@@ -66,15 +66,8 @@ SCRATCH_SD_LR = 1e-4  # from-scratch SD-sized runs (LDM's text-to-image rate) ra
 ORDER_ARGS = ("data", "seed", "batch_size", "grad_accum", "resolution", "val_fraction", "random_crop", "flip")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Defaults in --help, except None and off switches (their help says what happens without them)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
-
-
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=ldm.HelpFormatter)
     a = p.add_argument
     a("--data", required=True, help="image folder (recursive; same-named .txt captions or a metadata.jsonl)")
     a("--out", required=True, help="run folder: checkpoints, log.jsonl, loss.png, samples/, final.safetensors")
