@@ -111,10 +111,14 @@ class AttnBlock(nn.Module):
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """fused=True hands SDPA contiguous q/k/v, which lets it pick a fused kernel that never holds the (HW, HW)
+        scores (16 GiB in fp32 for a 256 x 256 latent); the strided default (the math kernel) is the one-pass path."""
         B, C, H, W = x.shape
         h = self.norm(x)
         q, k, v = (m(h).reshape(B, 1, C, H * W).transpose(2, 3) for m in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        if fused:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
         h = h.transpose(2, 3).reshape(B, C, H, W)
         return x + self.proj_out(h)
@@ -148,6 +152,39 @@ class Upsample(nn.Module):
 
 
 # ----------------------------------------------------------------------------- encoder / decoder
+
+def _check_tiles(tile: int, overlap: int) -> None:
+    if not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"tile must be a positive int (latent pixels), got {tile!r}")
+    if not isinstance(overlap, int) or overlap < 0:
+        raise ValueError(f"overlap must be an int >= 0 (latent pixels), got {overlap!r}")
+    if tile <= 2 * overlap:
+        raise ValueError(f"tile must be > 2 * overlap, got tile={tile}, overlap={overlap}")
+
+
+def _tile_spans(size: int, tile: int, overlap: int, f: int) -> list[tuple[int, int, torch.Tensor]]:
+    """One latent axis of `size` -> (start, stop, weight) per tile: ceil(size / tile) near-equal cores, each widened
+    by `overlap` on both sides (clipped to the axis). weight ((stop - start) * f,) is per output pixel: 1 inside the
+    core, a linear ramp across the 2 * overlap strip shared with each neighbour, normalised to sum to 1 over tiles."""
+    n = -(-size // tile)
+    cuts = [i * size // n for i in range(n + 1)]
+    ramp = max(2 * overlap * f, 1)  # output pixels; overlap 0 -> a one-pixel step, i.e. hard cuts at the core edges
+    x = torch.arange(size * f, dtype=torch.float64) + 0.5  # output pixel centres
+    weights = []
+    for i in range(n):
+        w = torch.ones_like(x)
+        if i > 0:  # ~0 at this tile's first pixel, 1/2 at its core edge cuts[i]
+            w = w.minimum((x - cuts[i] * f) / ramp + 0.5)
+        if i < n - 1:
+            w = w.minimum((cuts[i + 1] * f - x) / ramp + 0.5)
+        weights.append(w.clamp(0, 1))
+    total = torch.stack(weights).sum(0)  # 1, except where a core is narrower than 2 * overlap
+    spans = []
+    for i, w in enumerate(weights):
+        lo, hi = max(cuts[i] - overlap, 0), min(cuts[i + 1] + overlap, size)
+        spans.append((lo, hi, (w / total)[lo * f:hi * f].float()))
+    return spans
+
 
 class Encoder(nn.Module):
     """x (B, in_channels, H, W) -> (B, 2*z or z, H/f, W/f) with f = 2**(len(ch_mult)-1)."""
@@ -222,9 +259,21 @@ class Decoder(nn.Module):
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, padding=1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+    def forward(self, z: torch.Tensor, tile: int | None = None, overlap: int = 16) -> torch.Tensor:
+        """tile=None decodes in one pass; an int decodes the up levels tile by tile (see forward_up_tiled), except
+        for a latent that fits in one tile with its context, which takes the one-pass path."""
+        if tile is not None:
+            _check_tiles(tile, overlap)
+        tiled = tile is not None and max(z.shape[-2:]) > tile + 2 * overlap
+        attn = self.mid.attn_1
+        h = self.mid.block_1(self.conv_in(z))
+        # The mid block stays global (exact attention; cheap at 1/f resolution) but, when tiling, without the scores.
+        h = attn(h, fused=True) if tiled and isinstance(attn, AttnBlock) else attn(h)
+        h = self.mid.block_2(h)
+        return self.forward_up_tiled(h, tile, overlap) if tiled else self.forward_up(h)
+
+    def forward_up(self, h: torch.Tensor) -> torch.Tensor:
+        """Mid-block output (B, C, h, w) -> image (B, out_ch, h*f, w*f): the up levels, norm_out, conv_out."""
         for level in reversed(self.up):
             for j, block in enumerate(level.block):
                 h = block(h)
@@ -233,6 +282,24 @@ class Decoder(nn.Module):
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    def forward_up_tiled(self, h: torch.Tensor, tile: int, overlap: int = 16) -> torch.Tensor:
+        """forward_up in pieces, so that peak memory follows the tile and not the image: the mid-block output is cut
+        into a grid of cores of at most `tile` latent pixels, each decoded with `overlap` extra latent pixels of
+        context on every inner side, and the pieces are blended with linear ramps (weights summing to 1) into one
+        preallocated image. Not bit-equal to forward_up: the up levels' GroupNorms (and attention, if any) see one tile."""
+        _check_tiles(tile, overlap)
+        B, C, H, W = h.shape
+        f = 2 ** (len(self.up) - 1)
+        out = None
+        for y0, y1, wy in _tile_spans(H, tile, overlap, f):
+            for x0, x1, wx in _tile_spans(W, tile, overlap, f):
+                piece = self.forward_up(h[:, :, y0:y1, x0:x1])  # (B, out_ch, (y1-y0)*f, (x1-x0)*f)
+                if out is None:  # dtype of what the convs return (autocast may differ from h)
+                    out = piece.new_zeros(B, piece.shape[1], H * f, W * f)
+                weight = (wy[:, None] * wx[None, :]).to(piece.device, piece.dtype)
+                out[:, :, y0 * f:y1 * f, x0 * f:x1 * f] += piece * weight
+        return out
 
 
 # ----------------------------------------------------------------------------- KL autoencoder
@@ -300,8 +367,10 @@ class AutoencoderKL(_FirstStage):
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         return DiagonalGaussianDistribution(self.quant_conv(self.encoder(x)))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z))
+    def decode(self, z: torch.Tensor, tile: int | None = None, overlap: int = 16) -> torch.Tensor:
+        """Latent (B, embed_dim, h, w) -> image (B, out_ch, h*f, w*f). tile (latent pixels, e.g. 64) bounds memory
+        for large images by decoding in overlapping tiles (Decoder.forward_up_tiled); None decodes in one pass."""
+        return self.decoder(self.post_quant_conv(z), tile, overlap)
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = True,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:
@@ -370,9 +439,11 @@ class VQModel(_FirstStage):
         # Continuous latent before quantisation: LDM diffuses in this space and quantises in decode().
         return self.quant_conv(self.encoder(x))
 
-    def decode(self, h: torch.Tensor, force_not_quantize: bool = False) -> torch.Tensor:
+    def decode(self, h: torch.Tensor, force_not_quantize: bool = False, tile: int | None = None,
+               overlap: int = 16) -> torch.Tensor:
+        """Continuous latent -> image; tile/overlap as AutoencoderKL.decode."""
         quant = h if force_not_quantize else self.quantize(h)[0]
-        return self.decoder(self.post_quant_conv(quant))
+        return self.decoder(self.post_quant_conv(quant), tile, overlap)
 
     def decode_code(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (B, H, W) long -> image (B, out_ch, H*f, W*f)."""
