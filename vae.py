@@ -287,7 +287,7 @@ class Decoder(nn.Module):
         """forward_up in pieces, so that peak memory follows the tile and not the image: the mid-block output is cut
         into a grid of cores of at most `tile` latent pixels, each decoded with `overlap` extra latent pixels of
         context on every inner side, and the pieces are blended with linear ramps (weights summing to 1) into one
-        preallocated image. Not bit-equal to forward_up: the up levels' GroupNorms (and attention, if any) see one tile."""
+        preallocated image. Not bit-equal to forward_up: the up levels' GroupNorms (and attention) see one tile."""
         _check_tiles(tile, overlap)
         B, C, H, W = h.shape
         f = 2 ** (len(self.up) - 1)
