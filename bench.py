@@ -1,33 +1,134 @@
-"""Benchmarks (never tests): checkpoint loading time and peak memory, sampling speed, U-Net step time.
+"""Benchmarks (never tests): this project against diffusers at identical settings, in one process, printed as one
+table: seconds per image, U-Net ms per step and TFLOP/s, VAE decode, tiled decode memory, training images/s and
+peak memory, checkpoint load time and peak RAM.
 
-    python bench.py load                      # full-size SD 1.5 single file with random weights: time + peak RSS
-    python bench.py sample --device cpu       # seconds per image, tiny model on CPU
-    python bench.py sample --device cuda --config sd1 --size 512   # SD 1.5-size random weights on a GPU
+    python bench.py --device cuda             # SD 1.5 shapes: 512x512, 50 DDIM steps, CFG 7.5, fp16; training bf16
+    python bench.py --device cuda --compile   # adds torch.compile rows (minutes of compile time)
+    python bench.py --device cpu              # small sizes that finish in minutes on 2 cores, fp32
+    python bench.py --only sample unet        # a subset of: load sample unet vae train
 
-Full-size files are written once from the key/shape manifests in fixtures/manifests (random values) into
---workdir, so no weights need downloading.
+Weights are random with the public SD 1.5 layout, written once from fixtures/manifests into --workdir, so nothing
+is downloaded. diffusers (optional, requirements-dev.txt) runs on the very same weights, converted by its own
+single-file converters, so the two outputs are compared too. Without diffusers only this project's column is
+printed.
 """
 
 import argparse
+import gc
+import importlib.util
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import ldm
 
 HERE = Path(__file__).resolve().parent
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+@dataclass
+class Settings:
+    """What each device measures; the GPU numbers are the SD 1.5 deployment shapes."""
+    sample_config: str  # model for the whole-pipeline rows: "sd1" (random SD 1.5 file) or "tiny"
+    sample_sizes: tuple  # image sides for the whole-pipeline rows
+    steps: int
+    batches: tuple
+    dtype: torch.dtype  # inference weights
+    unet_size: int  # image side of the U-Net and VAE rows (SD 1.5 U-Net and VAE)
+    tile_size: int  # image side of the tiled-decode row
+    train_config: str
+    train_size: int  # image side; latents are size / 8 (sd1) or / 4 (tiny presets)
+    train_batch: int
+    train_precision: str
+
+
+GPU = Settings("sd1", (512,), 50, (1, 4), torch.float16, 512, 2048, "sd1", 512, 16, "bf16")
+CPU = Settings("tiny", (64, 256), 50, (1, 4), torch.float32, 256, 512, "small", 64, 8, "fp32")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
 
 
 def rss_mib() -> tuple[float, float]:
     """(current, peak) resident memory of this process in MiB, from /proc (Linux)."""
     fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, repeat: int = 3, warmup: int = 1) -> float:
+    """Median seconds per call after `warmup` untimed calls; one timed call when a warm-up call took over 10 s."""
+    for _ in range(warmup):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        if time.perf_counter() - start > 10:
+            repeat = 1
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def reset_peak(device: torch.device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: torch.device) -> float:
+    """Peak allocated GPU memory since reset_peak; on the CPU the process's peak RSS (never reset)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    return rss_mib()[1] / 1024
+
+
+def nbytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+class Table:
+    """Rows of (measurement, ours, diffusers, unit); the ratio says how many times better this project is."""
+
+    def __init__(self):
+        self.rows = []
+
+    def add(self, what: str, ours: float = None, theirs: float = None, unit: str = "", lower_is_better=True):
+        self.rows.append((what, ours, theirs, unit, lower_is_better))
+        print(f"  {what}: ldm {fmt(ours)} {unit}, diffusers {fmt(theirs)} {unit}", flush=True)
+
+    def markdown(self) -> str:
+        lines = ["| measurement | ldm | diffusers | ldm vs diffusers |", "|---|---|---|---|"]
+        for what, ours, theirs, unit, lower in self.rows:
+            ratio = "-"
+            if ours and theirs:
+                ratio = f"{(theirs / ours if lower else ours / theirs):.2f}x"
+            lines.append(f"| {what} | {fmt(ours)} {unit} | {fmt(theirs)} {unit} | {ratio} |")
+        return "\n".join(lines)
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
 
 
 def make_random_checkpoint(path: Path, manifest: str = "sd15", dtype: torch.dtype = None):
@@ -41,81 +142,365 @@ def make_random_checkpoint(path: Path, manifest: str = "sd15", dtype: torch.dtyp
         dt = getattr(torch, dt)
         if dt.is_floating_point:
             t = torch.randn(shape, generator=g) * 0.02
+            if key.endswith("norm.weight") or ".norm" in key and key.endswith("weight"):
+                t = t + 1  # norms near identity keep activations in range through 16 levels of random layers
             tensors[key] = t.to(dtype or dt)
         else:
             tensors[key] = torch.arange(max(1, int(torch.tensor(shape).prod())), dtype=dt).reshape(shape)
     path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
     ldm.save_safetensors(path, tensors, {"format": "pt"})
+    print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.time() - t0:.0f} s", flush=True)
 
 
-def bench_load(args):
-    """Load in a fresh process so its peak RSS is the load's alone."""
-    for dtype_name in ("float32", "float16"):
-        path = Path(args.workdir) / f"sd15-random-{dtype_name}.safetensors"
-        t0 = time.time()
-        make_random_checkpoint(path, dtype=getattr(torch, dtype_name))
-        if time.time() - t0 > 1:
-            print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.time() - t0:.0f} s")
-        code = (
-            "import time, torch, ldm, bench\n"
-            "t = time.time()\n"
-            f"m = ldm.load_model({str(path)!r}, device='cpu', dtype=torch.float32, prediction_type='eps')\n"
-            "load_s = time.time() - t\n"
-            "after_load = bench.rss_mib()\n"
-            "total = sum(float(p.float().sum()) for p in m.parameters())  # touch every page\n"
-            "after_touch = bench.rss_mib()\n"
-            "print(load_s, after_load[0], after_touch[0], after_touch[1])\n"
-        )
+def diffusers_twin(model: ldm.LatentDiffusion):
+    """diffusers' StableDiffusionPipeline holding this model's weights (U-Net and VAE share our tensors), converted by
+    diffusers' own single-file converters; None when diffusers is not installed."""
+    if importlib.util.find_spec("diffusers") is None:
+        return None
+    spec = importlib.util.spec_from_file_location("gen_ldm", HERE / "fixtures" / "gen_ldm.py")
+    gen_ldm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen_ldm)
+    pipe, _ = gen_ldm.diffusers_pipeline(model, model.prediction_type, assign=True)  # no second copy of the weights
+    pipe.text_encoder.to(model.device, model.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# benchmarks
+
+
+def bench_load(args, S: Settings, table: Table):
+    """A fresh process per load, so its peak RSS is the load's alone; safetensors' own load_file as the reference."""
+    path = Path(args.workdir) / "sd15-random-float32.safetensors"
+    make_random_checkpoint(path, dtype=torch.float32)
+    size = path.stat().st_size / 2 ** 20
+    ours = ("t = time.time(); m = ldm.load_model(P, device='cpu', dtype=torch.float32, prediction_type='eps')\n"
+            "s = time.time() - t; n = sum(float(p.float().sum()) for p in m.parameters())  # touch every page\n")
+    theirs = ("from safetensors.torch import load_file\n"
+              "t = time.time(); m = load_file(P); s = time.time() - t\n"
+              "n = sum(float(v.float().sum()) for v in m.values())\n")
+    results = []
+    for code in (ours, theirs):
+        if "safetensors.torch" in code and importlib.util.find_spec("safetensors") is None:
+            results.append((None, None))
+            continue
+        code = f"import time, torch, ldm, bench\nP = {str(path)!r}\n" + code + "print(s, bench.rss_mib()[1])\n"
+        subprocess.run(["sync"], check=False)
         out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
-        load_s, rss_load, rss_touch, peak = map(float, out.stdout.split()[-4:])
-        size = path.stat().st_size / 2 ** 20
-        print(f"load {path.name} ({size:,.0f} MiB on disk) -> fp32 on CPU: {load_s:.2f} s; RSS after load "
-              f"{rss_load:,.0f} MiB, after reading every weight {rss_touch:,.0f} MiB, peak {peak:,.0f} MiB "
-              f"({peak / size:.2f}x file size)")
+        results.append(tuple(map(float, out.stdout.split()[-2:])))
+    (ours_s, ours_peak), (st_s, st_peak) = results
+    print(f"  file {size:,.0f} MiB (fp32 SD 1.5); diffusers column: safetensors.torch.load_file of the same file")
+    table.add("load 4 GB fp32 file to CPU: time", ours_s, st_s, "s")
+    table.add("load: peak RSS / file size", ours_peak / size, st_peak / size if st_peak else None, "x")
 
 
-def bench_sample(args):
-    device = torch.device(args.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    if args.config == "tiny":
-        model = ldm.build_model("tiny").to(device, dtype).eval()
-    else:
-        path = Path(args.workdir) / "sd15-random-float16.safetensors"
-        make_random_checkpoint(path, dtype=torch.float16)
-        t = time.time()
-        model = ldm.load_model(path, device=device, dtype=dtype, prediction_type="eps")
-        print(f"load_model {path.name} -> {device} {dtype}: {time.time() - t:.2f} s")
-    size = args.size or model.resolution
-    for batch in (1, 4):
-        prompts = ["a photograph of an astronaut riding a horse"] * batch
-        ldm.sample(model, prompts, steps=2, height=size, width=size, seed=0, progress=False)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t = time.time()
-        images = ldm.sample(model, prompts, steps=args.steps, height=size, width=size, seed=0, progress=False,
-                            output_type="tensor")
-        images = ldm.to_pil(images) if torch.isfinite(images).all() else exit(f"non-finite pixels in {dtype}")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t
-        mem = f", peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device.type == "cuda" else ""
-        print(f"sample {args.config} {size}x{size}, {args.steps} DDIM steps, CFG, batch {batch}, {dtype}: "
-              f"{dt:.2f} s ({dt / batch:.2f} s per image){mem}")
-        assert len(images) == batch
+def build_model(args, S: Settings, device: torch.device, config: str) -> ldm.LatentDiffusion:
+    if config == "tiny":
+        torch.manual_seed(0)
+        return ldm.build_model("tiny").to(device, S.dtype).eval()
+    dtype_name = "float16" if S.dtype == torch.float16 else "float32"
+    path = Path(args.workdir) / f"sd15-random-{dtype_name}.safetensors"
+    make_random_checkpoint(path, dtype=S.dtype)
+    t = time.time()
+    model = ldm.load_model(path, device=device, dtype=S.dtype, prediction_type="eps")
+    print(f"  load_model {path.name} -> {device} {S.dtype}: {time.time() - t:.2f} s", flush=True)
+    return model
+
+
+def bench_sample(args, S: Settings, table: Table, device: torch.device):
+    """Whole text-to-image runs: prompt encoding, 50 DDIM steps with CFG, VAE decode."""
+    for size in S.sample_sizes:
+        model = build_model(args, S, device, S.sample_config)
+        label = f"{S.sample_config} {size}px {S.steps} steps"
+        results = {}
+        for batch in S.batches:
+            prompts = [PROMPT] * batch
+
+            def ours(cuda_graph):
+                return ldm.sample(model, prompts, steps=S.steps, height=size, width=size, seed=0, progress=False,
+                                  output_type="tensor", cuda_graph=cuda_graph)
+
+            variants = {"eager": False}
+            if device.type == "cuda":
+                variants["CUDA graph"] = True
+            for name, graph in variants.items():
+                reset_peak(device)
+                results[batch, name] = timed(lambda: ours(graph), device, repeat=3 if batch == 1 else 2) / batch
+                peak = peak_gib(device)
+                print(f"  ldm {name} batch {batch}: {results[batch, name]:.3f} s/image, peak {peak:.2f} GiB")
+                results[batch, name, "peak"] = peak
+            model.__dict__.pop("_ddim_graphs", None)  # frees the graphs' memory pool before the next run
+        images = ours(False)
+
+        pipe = diffusers_twin(model)
+        theirs = {}
+        if pipe is not None:
+            other = nbytes(model.text_encoder) / 2 ** 30  # ours stays resident during diffusers' runs
+            for batch in S.batches:
+                tokens, empty = model.tokenizer([PROMPT] * batch), model.tokenizer([""] * batch)
+
+                def run(tokens=tokens, empty=empty):
+                    tok = tokens.to(device)
+                    pe, ne = pipe.text_encoder(tok)[0], pipe.text_encoder(empty.to(device))[0]
+                    return pipe(prompt_embeds=pe, negative_prompt_embeds=ne, height=size, width=size,
+                                num_inference_steps=S.steps, guidance_scale=7.5,
+                                generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
+
+                reset_peak(device)
+                with torch.no_grad():
+                    theirs[batch] = timed(run, device, repeat=3 if batch == 1 else 2) / batch
+                theirs[batch, "peak"] = peak_gib(device) - other
+                print(f"  diffusers batch {batch}: {theirs[batch]:.3f} s/image, peak {theirs[batch, 'peak']:.2f} GiB")
+            with torch.no_grad():
+                ref = run(model.tokenizer([PROMPT]), model.tokenizer([""])).float().cpu()
+            err = ((images[:1].float().cpu() / 2 + 0.5).clamp(0, 1) - ref).abs().max().item()
+            print(f"  same seed, same weights: max abs pixel difference ldm vs diffusers {err:.2e} (of 1)")
+        best = "CUDA graph" if device.type == "cuda" else "eager"
+        for batch in S.batches:
+            for name in (["eager", "CUDA graph"] if device.type == "cuda" else ["eager"]):
+                table.add(f"sample {label}, batch {batch}, ldm {name}: s/image", results[batch, name],
+                          theirs.get(batch), "s")
+        table.add(f"sample {label}, batch 1: peak memory", results[1, best, "peak"], theirs.get((1, "peak")),
+                  "GiB" if device.type == "cuda" else "GiB RSS")
+        pipe = model = None
+        reset_peak(device)
+
+
+def bench_unet(args, S: Settings, table: Table, device: torch.device):
+    """One U-Net forward at batch 2 (the CFG pair), SD 1.5 shapes; VAE decode of one latent; tiled decode memory."""
+    S_sd = Settings(**{**asdict(S), "sample_config": "sd1"})
+    model = build_model(args, S_sd, device, "sd1")
+    h = S.unet_size // 8
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, h, h, generator=g).to(device, S.dtype)
+    t = torch.tensor([999, 999], device=device)
+    context = torch.randn(2, 77, 768, generator=g).to(device, S.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.unet(x, t, context)
+    gflop = counter.get_total_flops() / 1e9
+    print(f"  U-Net forward, batch 2, {h}x{h} latents: {gflop:,.0f} GFLOP")
+    repeat = 20 if device.type == "cuda" else 3
+    ours = {}
+
+    def unet_rows(unet, prefix: str, fwd):
+        with torch.no_grad():
+            ours[prefix + "eager"] = timed(lambda: fwd(x, t, context), device, repeat=repeat)
+            if device.type == "cuda":
+                graphed = ldm.CUDAGraphStep(fwd)
+                ours[prefix + "CUDA graph"] = timed(lambda: graphed(x, t, context), device, repeat=repeat, warmup=2)
+                del graphed
+        for k in [k for k in ours if k.startswith(prefix)]:
+            print(f"  {k}: {ours[k] * 1e3:.2f} ms")
+
+    unet_rows(model.unet, "ldm ", lambda x, t, c: model.unet(x, t, c))
+    z = torch.randn(1, 4, h, h, generator=g).to(device, S.dtype) * 5
+    with torch.no_grad():
+        decode_ours = timed(lambda: model.decode_latents(z), device, repeat=repeat)
+
+    pipe = diffusers_twin(model)
+    theirs = {}
+    decode_theirs = None
+    if pipe is not None:
+        unet = pipe.unet
+        fwd = lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample  # noqa: E731
+        with torch.no_grad():
+            diff = (fwd(x, t, context).float() - model.unet(x, t, context).float()).abs().max().item()
+            print(f"  same weights and inputs: U-Net max abs difference {diff:.2e}")
+            theirs["eager"] = timed(lambda: fwd(x, t, context), device, repeat=repeat)
+            if device.type == "cuda":
+                graphed = ldm.CUDAGraphStep(fwd)
+                theirs["CUDA graph"] = timed(lambda: graphed(x, t, context), device, repeat=repeat, warmup=2)
+                del graphed
+            decode_theirs = timed(lambda: pipe.vae.decode(z / model.scale_factor).sample, device, repeat=repeat)
+        print("  diffusers: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in theirs.items()))
+        pipe = unet = fwd = None
+        reset_peak(device)
+
+    if device.type == "cuda":  # variants after the twin is gone: they replace our weight tensors
+        model.unet.to(memory_format=torch.channels_last)
+        unet_rows(model.unet, "ldm channels_last ", lambda x, t, c: model.unet(x, t, c))
+        if args.compile:
+            start = time.time()
+            model.unet.compile(dynamic=False)
+            with torch.no_grad():
+                model.unet(x, t, context)
+            print(f"  torch.compile (default mode) of the U-Net: first call {time.time() - start:.0f} s")
+            unet_rows(model.unet, "ldm channels_last compiled ", lambda x, t, c: model.unet(x, t, c))
+            if "sample" in args.only:  # the whole pipeline on the compiled U-Net
+                prompts = [PROMPT]
+                sec = timed(lambda: ldm.sample(model, prompts, steps=S.steps, height=S.unet_size, width=S.unet_size,
+                                               seed=0, progress=False, output_type="tensor"), device, repeat=3)
+                model.__dict__.pop("_ddim_graphs", None)
+                table.add(f"sample sd1 {S.unet_size}px {S.steps} steps, batch 1, ldm compiled + channels_last + "
+                          "CUDA graph: s/image", sec, None, "s")
+            model.unet = model.unet._orig_mod if hasattr(model.unet, "_orig_mod") else model.unet
+    for k, v in ours.items():
+        kind = k.split(" ", 1)[1]
+        table.add(f"U-Net fwd batch 2, {h}x{h} latents, {kind}: ms", v * 1e3,
+                  theirs.get(kind, theirs.get("CUDA graph" if "graph" in kind else "eager", None)) and
+                  theirs.get("CUDA graph" if "graph" in kind else "eager") * 1e3, "ms")
+        table.add(f"U-Net fwd {kind}: TFLOP/s", gflop / v / 1e3,
+                  theirs.get("CUDA graph" if "graph" in kind else "eager") and
+                  gflop / theirs["CUDA graph" if "graph" in kind else "eager"] / 1e3, "TFLOP/s",
+                  lower_is_better=False)
+    table.add(f"VAE decode 1 x {h}x{h} latent -> {S.unet_size}px: ms", decode_ours * 1e3,
+              decode_theirs and decode_theirs * 1e3, "ms")
+
+    if device.type == "cuda":  # the CPU's peak RSS cannot be reset within a process
+        tiled_rows(model, S, table, device, g)
+    model = None
+    reset_peak(device)
+
+
+def tiled_rows(model: ldm.LatentDiffusion, S: Settings, table: Table, device: torch.device, g: torch.Generator):
+    """Peak memory and time of a large decode, ours with --tile 64 vs untiled."""
+    big = S.tile_size // 8
+    zb = torch.randn(1, 4, big, big, generator=g).to(device, S.dtype) * 5
+    peaks = {}
+    for name, tile in (("tiled", 64), ("untiled", None)):
+        reset_peak(device)
+        try:
+            with torch.no_grad():
+                sec = timed(lambda: model.decode_latents(zb, tile=tile), device, repeat=1, warmup=0)
+            peaks[name] = (peak_gib(device), sec)
+        except torch.cuda.OutOfMemoryError:
+            peaks[name] = (None, None)
+        print(f"  decode {S.tile_size}px {name}: peak {peaks[name][0]} GiB, {peaks[name][1]} s")
+    table.add(f"VAE decode {S.tile_size}x{S.tile_size}, --tile 64 vs untiled: peak memory", peaks["tiled"][0],
+              peaks["untiled"][0], "GiB")
+    table.add(f"VAE decode {S.tile_size}x{S.tile_size} --tile 64: s", peaks["tiled"][1], peaks["untiled"][1], "s")
+    print("  (the tiled-decode rows compare ldm --tile 64 with ldm untiled, not diffusers)")
+
+
+def bench_train(args, S: Settings, table: Table, device: torch.device):
+    """train.py's U-Net step (forward, loss, backward, clipping, AdamW, EMA) on cached latents (random latents and
+    contexts of the right shapes); diffusers' U-Net of the same architecture in the same loop."""
+    model = ldm.build_model(S.train_config, device="meta")  # for its configs only
+    unet_cfg, f = model.unet.cfg, model.downsample_factor
+    h = S.train_size // f
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(S.train_precision)
+    alphas_cumprod = torch.cumprod(1 - ldm.make_schedule(), 0).float()
+
+    def run(unet, fwd, checkpointing: bool, channels_last: bool = False, steps: int = 10) -> tuple[float, float]:
+        reset_peak(device)
+        torch.manual_seed(0)
+        B = S.train_batch
+        z0 = torch.randn(B, model.latent_channels, h, h, device=device)
+        if channels_last:
+            z0 = z0.to(memory_format=torch.channels_last)
+        context = torch.randn(B, 77, unet_cfg.context_dim, device=device)
+        params = [p for p in unet.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=device.type == "cuda")
+        ema = [p.detach().clone() for p in params]
+        alphas = alphas_cumprod.to(device)
+
+        def step():
+            t = torch.randint(0, 1000, (B,), device=device)
+            noise = torch.randn_like(z0)
+            a = alphas[t].view(-1, 1, 1, 1)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                pred = fwd(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, context)
+                loss = (pred.float() - noise).pow(2).mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1e-4)
+
+        for _ in range(3):
+            step()
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        sec = (time.perf_counter() - start) / steps
+        return B / sec, peak_gib(device)
+
+    steps = 10 if device.type == "cuda" else 3
+    results = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        with torch.device(device):
+            unet = type(model.unet)(unet_cfg).train()
+        unet.cfg.use_checkpoint = ckpt
+        results["ldm", ckpt] = run(unet, unet, ckpt, steps=steps)
+        print(f"  ldm grad checkpointing {ckpt}: {results['ldm', ckpt][0]:.2f} images/s, "
+              f"peak {results['ldm', ckpt][1]:.2f} GiB", flush=True)
+        if device.type == "cuda" and not ckpt:
+            unet.to(memory_format=torch.channels_last)
+            results["ldm cl", ckpt] = run(unet, unet, ckpt, channels_last=True, steps=steps)
+            print(f"  ldm channels_last: {results['ldm cl', ckpt][0]:.2f} images/s, "
+                  f"peak {results['ldm cl', ckpt][1]:.2f} GiB", flush=True)
+            if args.compile:
+                start = time.time()
+                unet.compile(dynamic=False)
+                results["ldm compiled", ckpt] = run(unet, unet, ckpt, channels_last=True, steps=steps)
+                print(f"  ldm channels_last + compile: {results['ldm compiled', ckpt][0]:.2f} images/s "
+                      f"(compile and run {time.time() - start:.0f} s)", flush=True)
+        del unet
+    if importlib.util.find_spec("diffusers") is not None:
+        from diffusers import UNet2DConditionModel
+        spec = importlib.util.spec_from_file_location("gen_ldm", HERE / "fixtures" / "gen_ldm.py")
+        gen_ldm = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(gen_ldm)
+        config = gen_ldm.diffusers_unet_config(model)
+        for ckpt in (False, True):
+            torch.manual_seed(0)
+            with torch.device(device):
+                unet = UNet2DConditionModel(**config).train()
+            if ckpt:
+                unet.enable_gradient_checkpointing()
+            fwd = lambda x, t, c, unet=unet: unet(x, t, encoder_hidden_states=c).sample  # noqa: E731
+            results["diffusers", ckpt] = run(unet, fwd, ckpt, steps=steps)
+            print(f"  diffusers grad checkpointing {ckpt}: {results['diffusers', ckpt][0]:.2f} images/s, "
+                  f"peak {results['diffusers', ckpt][1]:.2f} GiB", flush=True)
+            del unet, fwd
+    label = f"train {S.train_config} U-Net {S.train_size}px ({h}x{h} latents), batch {S.train_batch}, {S.train_precision}"
+    mem = "GiB" if device.type == "cuda" else "GiB RSS"
+    for ckpt in (False, True):
+        g = " + grad checkpointing" if ckpt else ""
+        theirs = results.get(("diffusers", ckpt), (None, None))
+        table.add(f"{label}{g}: images/s", results["ldm", ckpt][0], theirs[0], "img/s", lower_is_better=False)
+        table.add(f"{label}{g}: peak memory", results["ldm", ckpt][1], theirs[1], mem)
+    for key, name in ((("ldm cl", False), "channels_last"), (("ldm compiled", False), "channels_last + compile")):
+        if key in results:
+            table.add(f"{label}, ldm {name}: images/s", results[key][0], results.get(("diffusers", False), (None,))[0],
+                      "img/s", lower_is_better=False)
+    cost = 1 - results["ldm", True][0] / results["ldm", False][0]
+    print(f"  gradient checkpointing costs ldm {cost:.0%} of its throughput")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["load", "sample"], help="which benchmark to run")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--config", default="tiny", choices=["tiny", "sd1"], help="model size for `sample`")
-    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps for `sample`")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=ldm.HelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--only", nargs="+", default=["load", "sample", "unet", "train"],
+                   choices=["load", "sample", "unet", "train"], help="which benchmarks to run (unet includes the VAE)")
+    p.add_argument("--compile", action="store_true", help="add torch.compile rows (CUDA; minutes of compile time)")
     p.add_argument("--workdir", default=os.environ.get("LDM_BENCH_DIR", "/tmp/ldm-bench"),
-                   help="where random full-size checkpoints are written")
+                   help="where the random full-size checkpoints are written (6 GB)")
+    p.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = p.parse_args(argv)
-    {"load": bench_load, "sample": bench_sample}[args.what](args)
+    device = torch.device(args.device)
+    S = GPU if device.type == "cuda" else CPU
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    versions = f"torch {torch.__version__}"
+    if importlib.util.find_spec("diffusers") is not None:
+        import diffusers
+        versions += f", diffusers {diffusers.__version__}"
+    print(f"{name}; {versions}", flush=True)
+    table = Table()
+    for what in ("sample", "unet", "train", "load"):  # load last: it writes a 4 GB file first
+        if what in args.only:
+            print(f"[{what}]", flush=True)
+            {"load": bench_load, "sample": bench_sample, "unet": bench_unet, "train": bench_train}[what](
+                *((args, S, table) if what == "load" else (args, S, table, device)))
+    text = f"{name}; {versions}\n\n{table.markdown()}\n"
+    print("\n" + text)
+    if args.out:
+        Path(args.out).write_text(text)
 
 
 if __name__ == "__main__":

@@ -375,11 +375,13 @@ class LatentDiffusion(nn.Module):
             z = z.sample(generator) if sample else z.mode()
         return (z * self.scale_factor).to(self.dtype)
 
-    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+    def decode_latents(self, z: torch.Tensor, tile: int = None) -> torch.Tensor:
         """Scaled latents -> images in [-1, 1] (not clamped). Runs in the VAE's dtype, which may be float32 while
-        the U-Net is float16."""
+        the U-Net is float16. tile: decode in overlapping tiles of this many latent pixels (memory follows the
+        tile, not the image; see vae.Decoder)."""
         vae_dtype = next(self.vae.parameters()).dtype
-        return self.vae.decode(z.to(vae_dtype) / self.scale_factor)
+        z = z.to(vae_dtype) / self.scale_factor
+        return self.vae.decode(z, tile=tile, overlap=min(16, tile // 4)) if tile else self.vae.decode(z)
 
     def training_target(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.prediction_type == "eps":
@@ -434,35 +436,83 @@ def predict_eps_x0(model: LatentDiffusion, out: torch.Tensor, x: torch.Tensor, a
     return out, (x - (1 - a).sqrt() * out) / a.sqrt()
 
 
+def ddim_step(model: LatentDiffusion, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, a: torch.Tensor,
+              a_prev: torch.Tensor, noise: torch.Tensor, guidance_scale: float, eta: float) -> torch.Tensor:
+    """One DDIM update x_t -> x_prev. Everything is a device tensor (t (B or 2B,) long; a, a_prev 0-dim float32
+    alphas_cumprod; noise like x, zeros when eta = 0), so the step never waits on the host and can be replayed
+    as a CUDA graph. CFG when cond holds twice x's batch: [uncond; cond], eps_u + s * (eps_c - eps_u)."""
+    use_cfg = cond.shape[0] != x.shape[0]
+    out = model.unet(torch.cat([x, x]) if use_cfg else x, t, cond)
+    if use_cfg:
+        out_u, out_c = out.chunk(2)
+        out = out_u + guidance_scale * (out_c - out_u)
+    eps, x0 = predict_eps_x0(model, out.float(), x.float(), a)
+    sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+    x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps
+    return (x + sigma * noise if eta > 0 else x).to(model.dtype)
+
+
+class CUDAGraphStep:
+    """A function captured once per input signature as a CUDA graph, then replayed: the U-Net's thousand-odd kernels
+    launch as one, which is most of an eager small-batch step's time on a fast GPU. Inputs are copied into static
+    buffers; the result is copied out of the graph's static output. Weights are read where they live at capture, so
+    a model moved or cast afterwards needs a new instance."""
+
+    def __init__(self, fn):
+        self.fn, self.graphs = fn, {}
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        key = tuple((a.shape, a.dtype) for a in args)
+        if key not in self.graphs:
+            static = [a.clone() for a in args]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm up outside capture: cuDNN/cuBLAS pick and allocate workspaces here
+                for _ in range(2):
+                    self.fn(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.fn(*static)
+            self.graphs[key] = graph, static, out
+        graph, static, out = self.graphs[key]
+        for s, a in zip(static, args):
+            s.copy_(a)
+        graph.replay()
+        return out.clone()
+
+
 @torch.no_grad()
 def ddim_sample(model: LatentDiffusion, x: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor = None, *,
                 steps: int = 50, guidance_scale: float = 7.5, eta: float = 0.0, generator: torch.Generator = None,
-                start_step: int = 0, progress: bool = True) -> torch.Tensor:
+                start_step: int = 0, progress: bool = True, cuda_graph: bool = True) -> torch.Tensor:
     """Denoise latents x [B, C, h, w] from the noisiest grid point (or from `start_step` into the reversed grid,
     for img2img). CFG is eps_u + s * (eps_c - eps_u), with the conditional and unconditional passes in one batch.
-    eta = 0 is deterministic DDIM; eta = 1 is DDPM-like; its noise comes from `generator` (drawn on the CPU)."""
+    eta = 0 is deterministic DDIM; eta = 1 is DDPM-like; its noise comes from `generator` (drawn on the CPU, all
+    steps' noise up front, so the loop has no host-to-device copies). cuda_graph: on a CUDA device, replay each step
+    as a captured graph (the same kernels, so the same numbers as eager)."""
     timesteps = ddim_timesteps(steps, len(model.alphas_cumprod))
-    ac = model.alphas_cumprod.to(torch.float32)
+    order = list(reversed(range(len(timesteps))))[start_step:]
+    device = x.device
     use_cfg = uncond is not None and guidance_scale != 1.0
     cond = torch.cat([uncond, context]) if use_cfg else context
-    order = list(reversed(range(len(timesteps))))[start_step:]
-    for i in tqdm(order, desc="sampling", disable=not progress, leave=False):
-        t = timesteps[i]
-        a = ac[t]
-        a_prev = ac[timesteps[i - 1]] if i > 0 else ac[0]  # the last step lands on alphas_cumprod[0], not 1
-        x_in = torch.cat([x, x]) if use_cfg else x
-        t_in = torch.full((x_in.shape[0],), t, device=x.device, dtype=torch.long)
-        out = model.unet(x_in, t_in, cond)
-        if use_cfg:
-            out_u, out_c = out.chunk(2)
-            out = out_u + guidance_scale * (out_c - out_u)
-        xf = x.float()
-        eps, x0 = predict_eps_x0(model, out.float(), xf, a)
-        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
-        x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps
-        if eta > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
-        x = x.to(model.dtype)
+    ac = model.alphas_cumprod.to(device, torch.float32)
+    t_all = torch.tensor(timesteps, device=device)
+    a_all = ac[t_all]
+    a_prev_all = torch.cat([ac[:1], a_all[:-1]])  # the last step lands on alphas_cumprod[0], not 1
+    noise = torch.zeros(1, device=device).expand(x.shape)
+    if eta > 0:
+        noise = torch.stack([torch.randn(x.shape, generator=generator) for _ in order]).to(device)
+    run = lambda *a: ddim_step(model, *a, guidance_scale, eta)  # noqa: E731
+    if cuda_graph and device.type == "cuda":
+        graphs = model.__dict__.setdefault("_ddim_graphs", {})  # kept per model: later calls replay, not recapture
+        key = (guidance_scale, eta, model.dtype, next(model.unet.parameters()).data_ptr())
+        if key not in graphs:
+            graphs.clear()  # one live set: each graph holds its own activation memory
+            graphs[key] = CUDAGraphStep(run)
+        run = graphs[key]
+    for n, i in enumerate(tqdm(order, desc="sampling", disable=not progress, leave=False)):
+        x = run(x, t_all[i].expand(cond.shape[0]), cond, a_all[i], a_prev_all[i], noise[n] if eta > 0 else noise)
     return x
 
 
@@ -476,9 +526,10 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 def sample(model: LatentDiffusion, prompts: list[str], *, negative_prompts: list[str] = None, height: int = None,
            width: int = None, steps: int = 50, guidance_scale: float = 7.5, eta: float = 0.0, seed: int = None,
            sampler: str = "ddim", init_image: torch.Tensor = None, strength: float = 0.75,
-           progress: bool = True, output_type: str = "pil"):
+           progress: bool = True, output_type: str = "pil", cuda_graph: bool = True, tile: int = None):
     """Text-to-image (or image-to-image with `init_image` in [-1, 1], [B or 1, 3, H, W]). Noise is drawn on the CPU
-    from torch.Generator("cpu").manual_seed(seed), so a seed gives the same image on every device."""
+    from torch.Generator("cpu").manual_seed(seed), so a seed gives the same image on every device. cuda_graph: replay
+    the denoising steps as a CUDA graph on a CUDA device; tile: decode in tiles of this many latent pixels."""
     if sampler != "ddim":
         raise ValueError(f"unknown sampler {sampler!r}; available: ddim")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -509,8 +560,8 @@ def sample(model: LatentDiffusion, prompts: list[str], *, negative_prompts: list
         latents = model.add_noise(z0, latents, torch.tensor([t])) if start_step < steps else z0
     x = ddim_sample(model, latents.to(device, model.dtype), context, uncond, steps=steps,
                     guidance_scale=guidance_scale, eta=eta, generator=generator, start_step=start_step,
-                    progress=progress)
-    images = model.decode_latents(x)
+                    progress=progress, cuda_graph=cuda_graph)
+    images = model.decode_latents(x, tile=tile)
     return to_pil(images) if output_type == "pil" else images
 
 

@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to run")
     p.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="weights' precision "
                    "(auto: fp16 on CUDA, fp32 elsewhere)")
+    p.add_argument("--tile", type=int, metavar="N", help="decode the image in overlapping tiles of N latent pixels "
+                   "(64 = 512 px), so memory follows the tile and not the image: for large images")
+    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net: faster steps after a minute or "
+                   "so of compiling on the first image")
+    p.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, launch each denoising step's kernels "
+                   "one by one instead of replaying a captured CUDA graph (same images, slower)")
     p.add_argument("--replay", type=Path, metavar="PNG", help="regenerate this PNG from its parameters and compare "
                    "pixels (exit 0 when identical, 1 when not)")
     return p
@@ -230,6 +236,8 @@ def load(args) -> tuple[ldm.LatentDiffusion, dict]:
             raise CliError(f"--vae {args.vae}: its keys or shapes do not fit this model's autoencoder")
         model.vae = vae.eval().requires_grad_(False)
         info.update({"VAE hash": ldm.file_sha256(args.vae)[:10] if args.vae.is_file() else None, "VAE": args.vae.stem})
+    if args.compile:
+        model.unet.compile(dynamic=False)  # compiled on the first step; one graph per batch shape
     return model, info
 
 
@@ -241,24 +249,24 @@ def check_size(model: ldm.LatentDiffusion, width: int, height: int) -> tuple[int
     return width, height
 
 
-def decode(model: ldm.LatentDiffusion, x: torch.Tensor) -> torch.Tensor:
+def decode(model: ldm.LatentDiffusion, x: torch.Tensor, tile: int = None) -> torch.Tensor:
     """Latents -> images in [-1, 1], never NaN: a float16 VAE that overflows is switched to float32 and retried."""
     if not torch.isfinite(x).all():
         raise CliError(f"the U-Net produced NaN/inf latents in {model.dtype}; try --dtype fp32 or bf16")
-    images = model.decode_latents(x)
+    images = model.decode_latents(x, tile=tile)
     if not torch.isfinite(images).all() and next(model.vae.parameters()).dtype != torch.float32:
         print("warning: the VAE overflowed in half precision (NaN/inf pixels); decoding again with the VAE in "
               "float32, kept for the rest of this run", file=sys.stderr)
         model.vae.float()
-        images = model.decode_latents(x)
+        images = model.decode_latents(x, tile=tile)
     if not torch.isfinite(images).all():
         raise CliError("the VAE decoded NaN/inf pixels even in float32; no image written")
     return images
 
 
 @torch.no_grad()
-def generate(model: ldm.LatentDiffusion, jobs: list[Job], init: torch.Tensor = None,
-             progress: bool = True) -> list[Image.Image]:
+def generate(model: ldm.LatentDiffusion, jobs: list[Job], init: torch.Tensor = None, progress: bool = True,
+             tile: int = None, cuda_graph: bool = True) -> list[Image.Image]:
     """Images for jobs that share all settings but prompt and seed. Each image's noise comes from its own
     Generator("cpu").manual_seed(seed), drawn as ldm.sample draws it, so a job gives the image that
     ldm.sample(model, [prompt], seed=seed, ...) gives, whatever batch it is in."""
@@ -277,8 +285,8 @@ def generate(model: ldm.LatentDiffusion, jobs: list[Job], init: torch.Tensor = N
     # eta > 0 draws fresh noise every step from one generator: run_generate then makes one image per batch
     x = ldm.ddim_sample(model, latents.to(model.device, model.dtype), context, uncond, steps=job.steps,
                         guidance_scale=job.cfg, eta=job.eta, generator=generators[0], start_step=start_step,
-                        progress=progress)
-    return ldm.to_pil(decode(model, x))
+                        progress=progress, cuda_graph=cuda_graph)
+    return ldm.to_pil(decode(model, x, tile))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -291,6 +299,8 @@ def check_args(args):
             raise CliError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
     if args.steps > 1000:
         raise CliError(f"--steps must be at most 1000 (the training schedule's length), got {args.steps}")
+    if args.tile is not None and args.tile < 8:
+        raise CliError(f"--tile must be at least 8 latent pixels (64 = 512 px is a good size), got {args.tile}")
     if args.eta < 0:
         raise CliError(f"--eta must be >= 0, got {args.eta}")
     if args.init_image and not 0.0 < args.strength <= 1.0:
@@ -327,7 +337,7 @@ def run_generate(args) -> int:
             if stop:
                 break
             chunk = jobs[i:i + batch]
-            for job, image in zip(chunk, generate(model, chunk, init)):
+            for job, image in zip(chunk, generate(model, chunk, init, tile=args.tile, cuda_graph=not args.no_cuda_graph)):
                 print(save_png(image, args.out, format_parameters(job, info)), flush=True)
                 written.append(image)
     finally:
@@ -360,7 +370,7 @@ def run_replay(args) -> int:
                   "it was made with", file=sys.stderr)
     init = image_tensor(init_pil, job.width, job.height) if init_pil else None
     old = np.asarray(image.convert("RGB"), dtype=np.int16)
-    new = np.asarray(generate(model, [job], init)[0], dtype=np.int16)
+    new = np.asarray(generate(model, [job], init, tile=args.tile, cuda_graph=not args.no_cuda_graph)[0], dtype=np.int16)
     if old.shape != new.shape:
         print(f"mismatch: the image is {old.shape[1]}x{old.shape[0]}, its parameters say {job.width}x{job.height}")
         return 1
@@ -386,7 +396,7 @@ def main(argv: list[str] = None) -> int:
         if not any(s in str(e).lower() for s in ("out of memory", "can't allocate memory")):
             raise
         message = (f"out of {args.device if args.device != 'auto' else 'device'} memory ({str(e).splitlines()[0]}); "
-                   "try --dtype fp16, a smaller --width/--height, or --batch-size 1")
+                   "try --dtype fp16, --tile 64, a smaller --width/--height, or --batch-size 1")
     print("error: " + " ".join(message.split()), file=sys.stderr)  # always one line
     return 2
 

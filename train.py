@@ -97,6 +97,9 @@ def make_parser() -> argparse.ArgumentParser:
     a("--grad-clip", type=float, help="max gradient norm, 0: off (default: 1 U-Net, 0 autoencoder)")
     a("--precision", choices=["bf16", "fp16", "fp32"], help="autocast dtype (default: bf16 on GPU, fp32 on CPU)")
     a("--grad-checkpointing", action="store_true", help="recompute U-Net activations in backward (less memory)")
+    a("--channels-last", action="store_true", help="U-Net weights and activations in NHWC layout (the layout "
+      "tensor-core convolutions use; see bench.py)")
+    a("--compile", action="store_true", help="torch.compile the U-Net: faster GPU steps after minutes of compiling")
     a("--ema-decay", type=float, help="EMA of the U-Net (0: off; default 0.999 tiny, 0.9999 SD)")
     a("--cache-latents", action="store_true", help="encode every image (and frozen-encoder caption) once")
     a("--uncond-prob", type=float, default=0.1, help="caption dropout probability (for classifier-free guidance)")
@@ -659,6 +662,10 @@ class UNetTrainer(Trainer):
         model.text_encoder.train(args.train_text_encoder).requires_grad_(args.train_text_encoder)
         model.unet.train().requires_grad_(True)
         model.unet.cfg.use_checkpoint = args.grad_checkpointing
+        if getattr(args, "channels_last", False):
+            model.unet.to(memory_format=torch.channels_last)
+        if getattr(args, "compile", False):
+            model.unet.compile()  # in place: parameter names and the state dict stay the same
         self.denoiser = Denoiser(model.unet, model.text_encoder if args.train_text_encoder else None)
         self.ddp = self.denoiser
         if self.world > 1:
