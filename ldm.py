@@ -386,11 +386,12 @@ class LatentDiffusion(nn.Module):
     def training_target(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.prediction_type == "eps":
             return noise
-        a = self.alphas_cumprod[t].view(-1, 1, 1, 1).to(z0.dtype)
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1).to(z0)  # z0's dtype and device
         return a.sqrt() * noise - (1 - a).sqrt() * z0  # v = sqrt(a) eps - sqrt(1 - a) x0
 
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = self.alphas_cumprod[t].view(-1, 1, 1, 1).to(z0.dtype)
+        """q(z_t | z0) at timesteps t, on z0's device (img2img mixes on the CPU whatever the model's device)."""
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1).to(z0)
         return a.sqrt() * z0 + (1 - a).sqrt() * noise
 
     def training_step(self, images: torch.Tensor, prompts: list[str], generator: torch.Generator = None):

@@ -236,6 +236,8 @@ def load(args) -> tuple[ldm.LatentDiffusion, dict]:
             raise CliError(f"--vae {args.vae}: its keys or shapes do not fit this model's autoencoder")
         model.vae = vae.eval().requires_grad_(False)
         info.update({"VAE hash": ldm.file_sha256(args.vae)[:10] if args.vae.is_file() else None, "VAE": args.vae.stem})
+    if device == "cuda":  # NHWC is the layout tensor-core convolutions use: ~20% off a replayed U-Net step
+        model.unet.to(memory_format=torch.channels_last)
     if args.compile:
         model.unet.compile(dynamic=False)  # compiled on the first step; one graph per batch shape
     return model, info

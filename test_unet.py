@@ -74,6 +74,18 @@ def test_forward_matches_diffusers(name):
     torch.testing.assert_close(out, ref["out"], rtol=1e-4, atol=1e-4 * ref["out"].abs().max().item())
 
 
+@pytest.mark.parametrize("name", ["sd1", "sd2"])
+def test_channels_last_weights_give_the_same_output(name):
+    """sample.py and train.py --channels-last convert the weights to NHWC; the numbers must not change."""
+    ref = torch.load(FIXTURES / f"unet_{name}.pt", weights_only=True)
+    model = randomize_(UNetModel(PARITY[name])).eval().to(memory_format=torch.channels_last)
+    assert model.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = model(ref["x"], ref["t"], ref["context"])
+    torch.testing.assert_close(out, ref["out"], rtol=1e-4, atol=1e-4 * ref["out"].abs().max().item())
+    assert list(model.state_dict()) == list(randomize_(UNetModel(PARITY[name])).state_dict())
+
+
 def test_scalar_timestep_broadcasts():
     model = randomize_(UNetModel(PRESETS["tiny"])).eval()
     x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
