@@ -314,10 +314,9 @@ def bench_unet(args, S: Settings, table: Table, device: torch.device):
 
     unet_rows(model.unet, "ldm ", lambda x, t, c: model.unet(x, t, c))
     z = torch.randn(1, 4, h, h, generator=g).to(device, S.dtype) * 5
-    with torch.no_grad():
-        decode_ours = timed(lambda: model.decode_latents(z), device, repeat=repeat)
-
     pipe = diffusers_twin(model)
+    with torch.no_grad():  # timed beside diffusers' decode, so both see the same machine state
+        decode_ours = timed(lambda: model.decode_latents(z), device, repeat=repeat)
     theirs = {}
     decode_theirs = None
     if pipe is not None:
