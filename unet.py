@@ -214,8 +214,9 @@ class SpatialTransformer(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """A Sequential that hands the time embedding to ResBlocks and the context to transformers."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        for layer in self:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
+                layers: slice = slice(None)) -> torch.Tensor:
+        for layer in list(self)[layers]:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
@@ -281,9 +282,14 @@ class UNetModel(nn.Module):
 
     def _run(self, block: TimestepEmbedSequential, h: torch.Tensor, emb: torch.Tensor,
              context: torch.Tensor | None) -> torch.Tensor:
-        if self.cfg.use_checkpoint and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, use_reentrant=False)  # recompute in backward, keep no acts
-        return block(h, emb, context)
+        # Gradient checkpointing: recompute in backward, keep no activations. A lone conv (conv_in, Downsample) would
+        # only run twice (its backward needs just its input, kept either way), and an Upsample's conv, the costliest
+        # layer to recompute, stays outside at the price of keeping its 4x-sized input.
+        if not (self.cfg.use_checkpoint and torch.is_grad_enabled() and isinstance(block[0], ResBlock)):
+            return block(h, emb, context)
+        up = isinstance(block[-1], Upsample)
+        h = checkpoint(block, h, emb, context, slice(-1) if up else slice(None), use_reentrant=False)
+        return block[-1](h) if up else h
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor | None) -> torch.Tensor:
         B, C, H, W = x.shape
