@@ -69,14 +69,15 @@ def sync(device: torch.device):
 
 
 def timed(fn, device: torch.device, repeat: int = 3, warmup: int = 1) -> float:
-    """Median seconds per call after `warmup` untimed calls; one timed call when a warm-up call took over 10 s."""
+    """Fastest of `repeat` timed calls after `warmup` untimed ones (the minimum: a shared machine only ever adds
+    time); 5 calls when a warm-up call took under a second, 1 when it took over 10 s."""
     for _ in range(warmup):
         sync(device)
         start = time.perf_counter()
         fn()
         sync(device)
-        if time.perf_counter() - start > 10:
-            repeat = 1
+        took = time.perf_counter() - start
+        repeat = 1 if took > 10 else max(repeat, 5) if took < 1 else repeat
     times = []
     for _ in range(repeat):
         sync(device)
@@ -84,7 +85,7 @@ def timed(fn, device: torch.device, repeat: int = 3, warmup: int = 1) -> float:
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return min(times)
 
 
 def reset_peak(device: torch.device):
@@ -212,76 +213,61 @@ def build_model(args, S: Settings, device: torch.device, config: str) -> ldm.Lat
 
 def bench_sample(args, S: Settings, table: Table, device: torch.device):
     """Whole text-to-image runs: prompt encoding, 50 DDIM steps with CFG, VAE decode."""
+    cuda = device.type == "cuda"
+    variants = {"eager": False, "CUDA graph": True} if cuda else {"eager": False}
     for size in S.sample_sizes:
         model = build_model(args, S, device, S.sample_config)
-        label = f"{S.sample_config} {size}px {S.steps} steps"
-        results = {}
+        results = {}  # (variant, batch) -> (seconds per image, peak memory)
+
+        def ours(batch: int, cuda_graph: bool) -> torch.Tensor:
+            return ldm.sample(model, [PROMPT] * batch, steps=S.steps, height=size, width=size, seed=0,
+                              progress=False, output_type="tensor", cuda_graph=cuda_graph)
+
+        def measure(name: str, batch: int, fn, resident_gib: float = 0.0):
+            reset_peak(device)
+            sec = timed(fn, device, repeat=3 if batch == 1 else 2) / batch
+            results[name, batch] = sec, peak_gib(device) - resident_gib
+            print(f"  {name} batch {batch}: {sec:.3f} s/image, peak {results[name, batch][1]:.2f} GiB", flush=True)
+
         for batch in S.batches:
-            prompts = [PROMPT] * batch
-
-            def ours(cuda_graph):
-                return ldm.sample(model, prompts, steps=S.steps, height=size, width=size, seed=0, progress=False,
-                                  output_type="tensor", cuda_graph=cuda_graph)
-
-            variants = {"eager": False}
-            if device.type == "cuda":
-                variants["CUDA graph"] = True
             for name, graph in variants.items():
-                reset_peak(device)
-                results[batch, name] = timed(lambda: ours(graph), device, repeat=3 if batch == 1 else 2) / batch
-                peak = peak_gib(device)
-                print(f"  ldm {name} batch {batch}: {results[batch, name]:.3f} s/image, peak {peak:.2f} GiB")
-                results[batch, name, "peak"] = peak
+                measure(f"ldm {name}", batch, lambda: ours(batch, graph))
             model.__dict__.pop("_ddim_graphs", None)  # frees the graphs' memory pool before the next run
-        images = ours(False)
-        if args.compile and device.type == "cuda":  # the fast path: NHWC U-Net, compiled, replayed as a CUDA graph
+        if args.compile and cuda:  # the fast path: NHWC U-Net, compiled, replayed as a CUDA graph
             model.unet.to(memory_format=torch.channels_last)
             model.unet.compile(dynamic=False)
             for batch in S.batches:
-                prompts = [PROMPT] * batch
                 start = time.time()
-                ours(True)
+                ours(batch, True)
                 print(f"  compile for batch {batch} (first call): {time.time() - start:.0f} s", flush=True)
-                reset_peak(device)
-                results[batch, "fast"] = timed(lambda: ours(True), device, repeat=3) / batch
-                results[batch, "fast", "peak"] = peak_gib(device)
-                print(f"  ldm channels_last + compile + CUDA graph batch {batch}: {results[batch, 'fast']:.3f} "
-                      f"s/image, peak {results[batch, 'fast', 'peak']:.2f} GiB", flush=True)
+                measure("ldm NHWC + compile + CUDA graph", batch, lambda: ours(batch, True))
                 model.__dict__.pop("_ddim_graphs", None)
+        image = ours(1, False)
 
         pipe = diffusers_twin(model)
-        theirs = {}
         if pipe is not None:
-            other = nbytes(model.text_encoder) / 2 ** 30  # ours stays resident during diffusers' runs
-            for batch in S.batches:
+            def theirs(batch: int) -> torch.Tensor:
                 tokens, empty = model.tokenizer([PROMPT] * batch), model.tokenizer([""] * batch)
-
-                def run(tokens=tokens, empty=empty):
-                    tok = tokens.to(device)
-                    pe, ne = pipe.text_encoder(tok)[0], pipe.text_encoder(empty.to(device))[0]
+                with torch.no_grad():
+                    pe, ne = pipe.text_encoder(tokens.to(device))[0], pipe.text_encoder(empty.to(device))[0]
                     return pipe(prompt_embeds=pe, negative_prompt_embeds=ne, height=size, width=size,
                                 num_inference_steps=S.steps, guidance_scale=7.5,
                                 generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
 
-                reset_peak(device)
-                with torch.no_grad():
-                    theirs[batch] = timed(run, device, repeat=3 if batch == 1 else 2) / batch
-                theirs[batch, "peak"] = peak_gib(device) - other
-                print(f"  diffusers batch {batch}: {theirs[batch]:.3f} s/image, peak {theirs[batch, 'peak']:.2f} GiB")
-            with torch.no_grad():
-                ref = run(model.tokenizer([PROMPT]), model.tokenizer([""])).float().cpu()
-            err = ((images[:1].float().cpu() / 2 + 0.5).clamp(0, 1) - ref).abs().max().item()
+            resident = nbytes(model.text_encoder) / 2 ** 30 if cuda else 0.0  # ours stays on the GPU meanwhile
+            for batch in S.batches:
+                measure("diffusers", batch, lambda: theirs(batch), resident)
+            err = ((image.float().cpu() / 2 + 0.5).clamp(0, 1) - theirs(1).float().cpu()).abs().max().item()
             print(f"  same seed, same weights: max abs pixel difference ldm vs diffusers {err:.2e} (of 1; random "
                   "full-size weights in fp16 amplify rounding over 50 steps, the U-Net row compares one step)")
-        best = "CUDA graph" if device.type == "cuda" else "eager"
-        for batch in S.batches:
-            for name in (["eager", "CUDA graph"] if device.type == "cuda" else ["eager"]) + (
-                    ["fast"] if (batch, "fast") in results else []):
-                table.add(f"sample {label}, batch {batch}, ldm {name.replace('fast', 'NHWC+compile+graph')}: "
-                          "s/image", results[batch, name],
-                          theirs.get(batch), "s")
-        table.add(f"sample {label}, batch 1: peak memory", results[1, best, "peak"], theirs.get((1, "peak")),
-                  "GiB" if device.type == "cuda" else "GiB RSS")
+        label = f"sample {S.sample_config} {size}px {S.steps} steps"
+        for (name, batch), (sec, _) in results.items():
+            if name != "diffusers":
+                table.add(f"{label}, batch {batch}, {name}: s/image", sec, results.get(("diffusers", batch), [None])[0],
+                          "s")
+        best = "ldm CUDA graph" if cuda else "ldm eager"
+        table.add(f"{label}, batch 1: peak memory", results[best, 1][1], results.get(("diffusers", 1), [0, None])[1],
+                  "GiB" if cuda else "GiB RSS")
         pipe = model = None
         reset_peak(device)
 
@@ -300,59 +286,49 @@ def bench_unet(args, S: Settings, table: Table, device: torch.device):
     gflop = counter.get_total_flops() / 1e9
     print(f"  U-Net forward, batch 2, {h}x{h} latents: {gflop:,.0f} GFLOP")
     repeat = 20 if device.type == "cuda" else 3
-    ours = {}
 
-    def unet_rows(unet, prefix: str, fwd):
+    def forward_times(fwd, prefix: str = "") -> dict[str, float]:
+        """Seconds per U-Net call: eager and, on CUDA, replayed as a captured graph."""
         with torch.no_grad():
-            ours[prefix + "eager"] = timed(lambda: fwd(x, t, context), device, repeat=repeat)
+            out = {prefix + "eager": timed(lambda: fwd(x, t, context), device, repeat=repeat)}
             if device.type == "cuda":
                 graphed = ldm.CUDAGraphStep(fwd)
-                ours[prefix + "CUDA graph"] = timed(lambda: graphed(x, t, context), device, repeat=repeat, warmup=2)
-                del graphed
-        for k in [k for k in ours if k.startswith(prefix)]:
-            print(f"  {k}: {ours[k] * 1e3:.2f} ms")
+                out[prefix + "CUDA graph"] = timed(lambda: graphed(x, t, context), device, repeat=repeat, warmup=2)
+        print("  " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in out.items()), flush=True)
+        return out
 
-    unet_rows(model.unet, "ldm ", lambda x, t, c: model.unet(x, t, c))
+    ours = forward_times(lambda x, t, c: model.unet(x, t, c))
     z = torch.randn(1, 4, h, h, generator=g).to(device, S.dtype) * 5
     pipe = diffusers_twin(model)
     with torch.no_grad():  # timed beside diffusers' decode, so both see the same machine state
         decode_ours = timed(lambda: model.decode_latents(z), device, repeat=repeat)
-    theirs = {}
-    decode_theirs = None
+    theirs, decode_theirs = {}, None
     if pipe is not None:
         unet = pipe.unet
         fwd = lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample  # noqa: E731
         with torch.no_grad():
             diff = (fwd(x, t, context).float() - model.unet(x, t, context).float()).abs().max().item()
             print(f"  same weights and inputs: U-Net max abs difference {diff:.2e}")
-            theirs["eager"] = timed(lambda: fwd(x, t, context), device, repeat=repeat)
-            if device.type == "cuda":
-                graphed = ldm.CUDAGraphStep(fwd)
-                theirs["CUDA graph"] = timed(lambda: graphed(x, t, context), device, repeat=repeat, warmup=2)
-                del graphed
             decode_theirs = timed(lambda: pipe.vae.decode(z / model.scale_factor).sample, device, repeat=repeat)
-        print("  diffusers: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in theirs.items()))
+        theirs = forward_times(fwd, "diffusers ")
+        theirs = {k.split(" ", 1)[1]: v for k, v in theirs.items()}
         pipe = unet = fwd = None
         reset_peak(device)
 
     if device.type == "cuda":  # variants after the twin is gone: they replace our weight tensors
         model.unet.to(memory_format=torch.channels_last)
-        unet_rows(model.unet, "ldm channels_last ", lambda x, t, c: model.unet(x, t, c))
+        ours.update(forward_times(lambda x, t, c: model.unet(x, t, c), "channels_last "))
         if args.compile:
             start = time.time()
             model.unet.compile(dynamic=False)
             with torch.no_grad():
                 model.unet(x, t, context)
             print(f"  torch.compile (default mode) of the U-Net: first call {time.time() - start:.0f} s")
-            unet_rows(model.unet, "ldm channels_last compiled ", lambda x, t, c: model.unet(x, t, c))
-    for k, v in ours.items():
-        kind = k.split(" ", 1)[1]
-        table.add(f"U-Net fwd batch 2, {h}x{h} latents, {kind}: ms", v * 1e3,
-                  theirs.get(kind, theirs.get("CUDA graph" if "graph" in kind else "eager", None)) and
-                  theirs.get("CUDA graph" if "graph" in kind else "eager") * 1e3, "ms")
-        table.add(f"U-Net fwd {kind}: TFLOP/s", gflop / v / 1e3,
-                  theirs.get("CUDA graph" if "graph" in kind else "eager") and
-                  gflop / theirs["CUDA graph" if "graph" in kind else "eager"] / 1e3, "TFLOP/s",
+            ours.update(forward_times(lambda x, t, c: model.unet(x, t, c), "channels_last compiled "))
+    for kind, sec in ours.items():
+        ref = theirs.get("CUDA graph" if kind.endswith("graph") else "eager")  # diffusers' plain counterpart
+        table.add(f"U-Net fwd batch 2, {h}x{h} latents, {kind}: ms", sec * 1e3, ref and ref * 1e3, "ms")
+        table.add(f"U-Net fwd {kind}: TFLOP/s", gflop / sec / 1e3, ref and gflop / ref / 1e3, "TFLOP/s",
                   lower_is_better=False)
     table.add(f"VAE decode 1 x {h}x{h} latent -> {S.unet_size}px: ms", decode_ours * 1e3,
               decode_theirs and decode_theirs * 1e3, "ms")

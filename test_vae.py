@@ -474,13 +474,18 @@ def test_tiled_decode_keeps_dtype():
     assert (out.float() - ref).abs().mean() < 0.01
 
 
-def test_fused_attention_matches_the_default_kernel():
-    # Tiled decodes run the mid-block attention on contiguous q/k/v (a fused kernel that never holds the scores).
+def test_attention_is_softmax_of_scaled_scores():
+    # The block hands SDPA contiguous q/k/v (a fused kernel that never holds the (HW, HW) scores); same numbers as
+    # the written-out formula.
     torch.manual_seed(0)
     attn = vae.AttnBlock(64)
     x = torch.randn(2, 64, 12, 10)
     with torch.no_grad():
-        torch.testing.assert_close(attn(x, fused=True), attn(x), rtol=1e-5, atol=1e-5)
+        h = attn.norm(x)
+        q, k, v = (m(h).flatten(2) for m in (attn.q, attn.k, attn.v))  # (B, C, HW)
+        w = torch.softmax(q.transpose(1, 2) @ k / 64 ** 0.5, dim=-1)  # (B, HW, HW)
+        ref = x + attn.proj_out((v @ w.transpose(1, 2)).reshape(x.shape))
+        torch.testing.assert_close(attn(x), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("tile, overlap, match", [(0, 0, "tile must be a positive int"),

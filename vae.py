@@ -111,14 +111,12 @@ class AttnBlock(nn.Module):
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        """fused=True hands SDPA contiguous q/k/v, which lets it pick a fused kernel that never holds the (HW, HW)
-        scores (16 GiB in fp32 for a 256 x 256 latent); the strided default (the math kernel) is the one-pass path."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         h = self.norm(x)
-        q, k, v = (m(h).reshape(B, 1, C, H * W).transpose(2, 3) for m in (self.q, self.k, self.v))  # (B, 1, HW, C)
-        if fused:
-            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        # (B, 1, HW, C), made contiguous: strided views send SDPA to its math kernel, which holds the (HW, HW) scores
+        # (16 GiB in fp32 for a 256 x 256 latent); contiguous ones reach a fused kernel that never does
+        q, k, v = (m(h).reshape(B, 1, C, H * W).transpose(2, 3).contiguous() for m in (self.q, self.k, self.v))
         h = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
         h = h.transpose(2, 3).reshape(B, C, H, W)
         return x + self.proj_out(h)
@@ -265,11 +263,8 @@ class Decoder(nn.Module):
         if tile is not None:
             _check_tiles(tile, overlap)
         tiled = tile is not None and max(z.shape[-2:]) > tile + 2 * overlap
-        attn = self.mid.attn_1
         h = self.mid.block_1(self.conv_in(z))
-        # The mid block stays global (exact attention; cheap at 1/f resolution) but, when tiling, without the scores.
-        h = attn(h, fused=True) if tiled and isinstance(attn, AttnBlock) else attn(h)
-        h = self.mid.block_2(h)
+        h = self.mid.block_2(self.mid.attn_1(h))  # the mid block stays global: exact attention, cheap at 1/f resolution
         return self.forward_up_tiled(h, tile, overlap) if tiled else self.forward_up(h)
 
     def forward_up(self, h: torch.Tensor) -> torch.Tensor:
