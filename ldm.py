@@ -505,7 +505,8 @@ def ddim_sample(model: LatentDiffusion, x: torch.Tensor, context: torch.Tensor, 
     if eta > 0:
         noise = torch.stack([torch.randn(x.shape, generator=generator) for _ in order]).to(device)
     run = lambda *a: ddim_step(model, *a, guidance_scale, eta)  # noqa: E731
-    if cuda_graph and device.type == "cuda":
+    # not under autocast: its cast-weight cache is freed when the region ends, and a cached graph would read it
+    if cuda_graph and device.type == "cuda" and not torch.is_autocast_enabled("cuda"):
         graphs = model.__dict__.setdefault("_ddim_graphs", {})  # kept per model: later calls replay, not recapture
         key = (guidance_scale, eta, model.dtype, next(model.unet.parameters()).data_ptr())
         if key not in graphs:

@@ -874,7 +874,8 @@ class UNetTrainer(Trainer):
         with self.ema_weights(), self.autocast():
             images = ldm.sample(model, self.prompts, steps=self.args.sample_steps,
                                 guidance_scale=self.args.sample_cfg, seed=self.args.seed,
-                                height=self.args.resolution, width=self.args.resolution, progress=False)
+                                height=self.args.resolution, width=self.args.resolution, progress=False,
+                                cuda_graph=False)  # a kept graph would hold its activation memory while training
         model.unet.train()
         model.text_encoder.train(self.args.train_text_encoder)
         (self.out / "samples").mkdir(parents=True, exist_ok=True)
