@@ -21,7 +21,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -154,15 +154,20 @@ def make_random_checkpoint(path: Path, manifest: str = "sd15", dtype: torch.dtyp
     print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.time() - t0:.0f} s", flush=True)
 
 
+def gen_ldm():
+    """fixtures/gen_ldm.py: the diffusers configs and converters the parity fixtures use."""
+    spec = importlib.util.spec_from_file_location("gen_ldm", HERE / "fixtures" / "gen_ldm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def diffusers_twin(model: ldm.LatentDiffusion):
     """diffusers' StableDiffusionPipeline holding this model's weights (U-Net and VAE share our tensors), converted by
     diffusers' own single-file converters; None when diffusers is not installed."""
     if importlib.util.find_spec("diffusers") is None:
         return None
-    spec = importlib.util.spec_from_file_location("gen_ldm", HERE / "fixtures" / "gen_ldm.py")
-    gen_ldm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen_ldm)
-    pipe, _ = gen_ldm.diffusers_pipeline(model, model.prediction_type, assign=True)  # no second copy of the weights
+    pipe, _ = gen_ldm().diffusers_pipeline(model, model.prediction_type, assign=True)  # no second copy of the weights
     pipe.text_encoder.to(model.device, model.dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -274,8 +279,7 @@ def bench_sample(args, S: Settings, table: Table, device: torch.device):
 
 def bench_unet(args, S: Settings, table: Table, device: torch.device):
     """One U-Net forward at batch 2 (the CFG pair), SD 1.5 shapes; VAE decode of one latent; tiled decode memory."""
-    S_sd = Settings(**{**asdict(S), "sample_config": "sd1"})
-    model = build_model(args, S_sd, device, "sd1")
+    model = build_model(args, S, device, "sd1")
     h = S.unet_size // 8
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, h, h, generator=g).to(device, S.dtype)
@@ -417,10 +421,7 @@ def bench_train(args, S: Settings, table: Table, device: torch.device):
         del unet
     if importlib.util.find_spec("diffusers") is not None:
         from diffusers import UNet2DConditionModel
-        spec = importlib.util.spec_from_file_location("gen_ldm", HERE / "fixtures" / "gen_ldm.py")
-        gen_ldm = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(gen_ldm)
-        config = gen_ldm.diffusers_unet_config(model)
+        config = gen_ldm().diffusers_unet_config(model)
         for ckpt in (False, True):
             torch.manual_seed(0)
             with torch.device(device):
@@ -449,7 +450,8 @@ def bench_train(args, S: Settings, table: Table, device: torch.device):
                   f"{results['ldm compiled', False][1]:.2f} GiB (compile and run {time.time() - start:.0f} s)",
                   flush=True)
         del unet
-    label = f"train {S.train_config} U-Net {S.train_size}px ({h}x{h} latents), batch {S.train_batch}, {S.train_precision}"
+    label = (f"train {S.train_config} U-Net {S.train_size}px ({h}x{h} latents), batch {S.train_batch}, "
+             f"{S.train_precision}")
     mem = "GiB" if device.type == "cuda" else "GiB RSS"
     for ckpt in (False, True):
         g = " + grad checkpointing" if ckpt else ""

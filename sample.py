@@ -339,7 +339,8 @@ def run_generate(args) -> int:
             if stop:
                 break
             chunk = jobs[i:i + batch]
-            for job, image in zip(chunk, generate(model, chunk, init, tile=args.tile, cuda_graph=not args.no_cuda_graph)):
+            images = generate(model, chunk, init, tile=args.tile, cuda_graph=not args.no_cuda_graph)
+            for job, image in zip(chunk, images):
                 print(save_png(image, args.out, format_parameters(job, info)), flush=True)
                 written.append(image)
     finally:
@@ -372,7 +373,8 @@ def run_replay(args) -> int:
                   "it was made with", file=sys.stderr)
     init = image_tensor(init_pil, job.width, job.height) if init_pil else None
     old = np.asarray(image.convert("RGB"), dtype=np.int16)
-    new = np.asarray(generate(model, [job], init, tile=args.tile, cuda_graph=not args.no_cuda_graph)[0], dtype=np.int16)
+    new = generate(model, [job], init, tile=args.tile, cuda_graph=not args.no_cuda_graph)[0]
+    new = np.asarray(new, dtype=np.int16)
     if old.shape != new.shape:
         print(f"mismatch: the image is {old.shape[1]}x{old.shape[0]}, its parameters say {job.width}x{job.height}")
         return 1

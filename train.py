@@ -662,9 +662,9 @@ class UNetTrainer(Trainer):
         model.text_encoder.train(args.train_text_encoder).requires_grad_(args.train_text_encoder)
         model.unet.train().requires_grad_(True)
         model.unet.cfg.use_checkpoint = args.grad_checkpointing
-        if getattr(args, "channels_last", False):
+        if args.channels_last:
             model.unet.to(memory_format=torch.channels_last)
-        if getattr(args, "compile", False):
+        if args.compile:
             model.unet.compile()  # in place: parameter names and the state dict stay the same
         self.denoiser = Denoiser(model.unet, model.text_encoder if args.train_text_encoder else None)
         self.ddp = self.denoiser
