@@ -209,7 +209,8 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, monkeypatch, 
             train.main(common + ["--out", str(tmp_path / "b"), "--steps", "6"])
         monkeypatch.setattr(train.UNetTrainer, "forward_backward", real)
         assert [r["step"] for r in read_log(tmp_path / "b")] == [1, 2, 3, 4]
-    train.main(data + ["--out", str(tmp_path / "b"), "--resume"] + (["--steps", "6"] if how == "more_steps" else []))
+    # after the crash, --resume alone: the data folder and every other setting come from the checkpoint
+    train.main((data + ["--steps", "6"] if how == "more_steps" else []) + ["--out", str(tmp_path / "b"), "--resume"])
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert len(a) == len(b) == 6 and a == b  # bitwise equal floats
     assert [r["step"] for r in read_log(tmp_path / "b")] == [1, 2, 3, 4, 5, 6]
@@ -218,6 +219,14 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, monkeypatch, 
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     ck = torch.load(train.list_checkpoints(tmp_path / "b")[0], weights_only=True)
     assert ck["step"] == 6 and ck["epoch"] == 6 // 2 and set(ck) >= {"unet", "ema", "optimizer", "rng", "args"}
+
+
+def test_data_is_required_unless_resuming_a_saved_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--out", str(tmp_path / "a")])
+    assert "--data" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no loadable checkpoint .* pass --data"):
+        train.main(["--out", str(tmp_path / "a"), "--resume"])
 
 
 def test_cached_latents_train_like_encoding_every_step(tmp_path):

@@ -69,7 +69,8 @@ ORDER_ARGS = ("data", "seed", "batch_size", "grad_accum", "resolution", "val_fra
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=ldm.HelpFormatter)
     a = p.add_argument
-    a("--data", required=True, help="image folder (recursive; same-named .txt captions or a metadata.jsonl)")
+    a("--data", help="image folder (recursive; same-named .txt captions or a metadata.jsonl); "
+                     "with --resume, the run's own by default")
     a("--out", required=True, help="run folder: checkpoints, log.jsonl, loss.png, samples/, final.safetensors")
     a("--stage", choices=["unet", "autoencoder"], default="unet", help="train the U-Net, or the first-stage autoencoder")
     a("--ckpt", help="start from this SD/LDM checkpoint (.safetensors/.ckpt or diffusers folder): fine-tuning; "
@@ -134,7 +135,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] = None) -> tuple[argparse.Namespace, set[str]]:
     """(args, names of the flags given explicitly): on --resume those override the run's saved settings."""
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.data is None and not args.resume:
+        parser.error("the following arguments are required: --data (unless --resume continues a run)")
     explicit = make_parser()
     for action in explicit._actions:
         action.default, action.required = argparse.SUPPRESS, False
@@ -348,6 +352,8 @@ class Trainer:
         if args.resume:
             state, path = resumed or load_latest_checkpoint(self.out)
             if state is None:
+                if args.data is None:
+                    raise SystemExit(f"error: no loadable checkpoint in {self.out} to resume; pass --data to start a run")
                 self.print(f"no loadable checkpoint in {self.out}; starting a new run")
             else:
                 args = self.merge_args(state["args"], args, explicit)
