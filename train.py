@@ -353,7 +353,8 @@ class Trainer:
             state, path = resumed or load_latest_checkpoint(self.out)
             if state is None:
                 if args.data is None:
-                    raise SystemExit(f"error: no loadable checkpoint in {self.out} to resume; pass --data to start a run")
+                    raise SystemExit(f"error: no loadable checkpoint in {self.out} to resume; "
+                                     "pass --data to start a run")
                 self.print(f"no loadable checkpoint in {self.out}; starting a new run")
             else:
                 args = self.merge_args(state["args"], args, explicit)
