@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
 
 # ----------------------------------------------------------------------------- config + presets
 
@@ -188,35 +189,25 @@ class LPIPS(nn.Module):
         `vgg.pth`), or an LDM first-stage checkpoint (`loss.perceptual_loss.*`), or our own layout."""
         merged: dict[str, torch.Tensor] = {}
         for src in sources:
-            merged.update(convert_lpips_state_dict(src if isinstance(src, dict) else _read(src)))
+            sd = src if isinstance(src, dict) else checkpoint.read_checkpoint(src)[0]
+            merged.update(convert_lpips_state_dict(sd))
         expected = self.state_dict()
         merged.setdefault("scaling_layer.shift", expected["scaling_layer.shift"])  # constants, often not stored
         merged.setdefault("scaling_layer.scale", expected["scaling_layer.scale"])
-        missing = [k for k in expected if k not in merged]
-        wrong = [f"{k} {tuple(merged[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-                 if k in merged and merged[k].shape != v.shape]
-        if missing or wrong:
-            raise ValueError(f"LPIPS weights incomplete: missing {missing[:6]} ({len(missing)}), "
-                             f"shape-mismatched {wrong[:6]}")
-        if all(not merged[f"lin{k}.model.1.weight"].any() for k in range(5)):
+        if all(k in merged and not merged[k].any() for k in (f"lin{k}.model.1.weight" for k in range(5))):
             raise ValueError("LPIPS linear layers are all zero (saved from a run with the perceptual loss off)")
-        self.load_state_dict({k: merged[k] for k in expected}, strict=True)
+        checkpoint.load_strict(self, merged, "LPIPS weights")
         self.loaded = True
         return self
 
     @classmethod
     def from_pretrained(cls, *sources: WeightSource) -> LPIPS:
         """LPIPS with weights from `sources` (see load_weights); the VGG width is read from the first conv."""
-        sds = [s if isinstance(s, dict) else _read(s) for s in sources]
+        sds = [s if isinstance(s, dict) else checkpoint.read_checkpoint(s)[0] for s in sources]
         convs = [v for sd in sds for k, v in convert_lpips_state_dict(sd).items() if k == "net.slice1.0.weight"]
         if not convs:
             raise ValueError("no VGG16 weights (features.0.weight / perceptual_loss.net.slice1.0.weight) given")
         return cls(width=convs[0].shape[0]).load_weights(*sds)
-
-
-def _read(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    from ldm import read_checkpoint  # checkpoint file reading lives in ldm.py, which imports the model files
-    return read_checkpoint(path)[0]
 
 
 def convert_lpips_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -19,24 +19,14 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image, ImageOps, PngImagePlugin
+from cli import HelpFormatter
 
-import ldm
-import vae as vae_lib
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAMPLER_NAMES = {"ddim": "DDIM"}  # our name -> the name in the parameters text
-
-
-class CliError(Exception):
-    """A problem with what the user asked for: printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Generate images with a Stable Diffusion checkpoint.",
-                                formatter_class=ldm.HelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("prompt", nargs="?", help="what to draw (optional with --prompts-file or --replay)")
     p.add_argument("--negative", metavar="TEXT", help="negative prompt: what to steer away from")
     p.add_argument("--prompts-file", type=Path, metavar="FILE", help="UTF-8 text file, one prompt per line (blank "
@@ -78,6 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--replay", type=Path, metavar="PNG", help="regenerate this PNG from its parameters and compare "
                    "pixels (exit 0 when identical, 1 when not)")
     return p
+
+
+if __name__ == "__main__":
+    build_parser().parse_args()  # --help and usage errors answer at once, before torch's seconds-long import
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageOps, PngImagePlugin  # noqa: E402
+
+import checkpoint  # noqa: E402
+import ldm  # noqa: E402
+import vae as vae_lib  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class CliError(Exception):
+    """A problem with what the user asked for: printed as one line, exit code 2."""
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -196,34 +204,23 @@ def save_png(image: Image.Image, out: Path, parameters: str, grid: bool = False)
             continue
 
 
-def make_grid(images: list[Image.Image], cols: int) -> Image.Image:
-    w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, math.ceil(len(images) / cols) * h))
-    for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
-    return grid
-
-
 # -----------------------------------------------------------------------------------------------------------------
 # Model and sampling
 
 
 def load(args) -> tuple[ldm.LatentDiffusion, dict]:
     """The model on the chosen device/dtype (+ the --vae swap) and its fields for the parameters text."""
-    if args.device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    elif args.device == "cuda" and not torch.cuda.is_available() or (
+    if args.device == "cuda" and not torch.cuda.is_available() or (
             args.device == "mps" and not torch.backends.mps.is_available()):
         raise CliError(f"--device {args.device}: not available on this machine (use --device cpu)")
-    else:
-        device = args.device
-    dtype = DTYPES.get(args.dtype, torch.float16 if device == "cuda" else torch.float32)
+    device = ldm.pick_device(args.device)
+    dtype = DTYPES.get(args.dtype) or ldm.default_dtype(device)
     try:
-        path = args.ckpt or ldm.default_checkpoint()
-    except ldm.DownloadError as e:
+        path = args.ckpt or checkpoint.default_checkpoint()
+    except checkpoint.DownloadError as e:
         raise CliError(f"{e}; to use a checkpoint you already have, pass --ckpt PATH") from None
     model = ldm.load_model(path, device=device, dtype=dtype, prediction_type=args.prediction)
-    info = {"Model hash": ldm.file_sha256(path, progress=path.is_file() and path.stat().st_size > 1 << 28)[:10]
+    info = {"Model hash": checkpoint.file_sha256(path, progress=path.is_file() and path.stat().st_size > 1 << 28)[:10]
                           if path.is_file() else None,
             "Model": path.stem if path.is_file() else path.name}
     if args.vae:
@@ -234,9 +231,11 @@ def load(args) -> tuple[ldm.LatentDiffusion, dict]:
         own, new = model.vae.state_dict(), vae.state_dict()
         if own.keys() != new.keys() or any(own[k].shape != new[k].shape for k in own):
             raise CliError(f"--vae {args.vae}: its keys or shapes do not fit this model's autoencoder")
+        vae.scale_factor = model.scale_factor  # the U-Net was trained on latents at the checkpoint's scale
         model.vae = vae.eval().requires_grad_(False)
-        info.update({"VAE hash": ldm.file_sha256(args.vae)[:10] if args.vae.is_file() else None, "VAE": args.vae.stem})
-    if device == "cuda":  # NHWC is the layout tensor-core convolutions use: ~20% off a replayed U-Net step
+        info.update({"VAE hash": checkpoint.file_sha256(args.vae)[:10] if args.vae.is_file() else None,
+                     "VAE": args.vae.stem})
+    if device.type == "cuda":  # NHWC is the layout tensor-core convolutions use: ~20% off a replayed U-Net step
         model.unet.to(memory_format=torch.channels_last)
     if args.compile:
         model.unet.compile(dynamic=False)  # compiled on the first step; one graph per batch shape
@@ -251,44 +250,17 @@ def check_size(model: ldm.LatentDiffusion, width: int, height: int) -> tuple[int
     return width, height
 
 
-def decode(model: ldm.LatentDiffusion, x: torch.Tensor, tile: int = None) -> torch.Tensor:
-    """Latents -> images in [-1, 1], never NaN: a float16 VAE that overflows is switched to float32 and retried."""
-    if not torch.isfinite(x).all():
-        raise CliError(f"the U-Net produced NaN/inf latents in {model.dtype}; try --dtype fp32 or bf16")
-    images = model.decode_latents(x, tile=tile)
-    if not torch.isfinite(images).all() and next(model.vae.parameters()).dtype != torch.float32:
-        print("warning: the VAE overflowed in half precision (NaN/inf pixels); decoding again with the VAE in "
-              "float32, kept for the rest of this run", file=sys.stderr)
-        model.vae.float()
-        images = model.decode_latents(x, tile=tile)
-    if not torch.isfinite(images).all():
-        raise CliError("the VAE decoded NaN/inf pixels even in float32; no image written")
-    return images
-
-
-@torch.no_grad()
-def generate(model: ldm.LatentDiffusion, jobs: list[Job], init: torch.Tensor = None, progress: bool = True,
-             tile: int = None, cuda_graph: bool = True) -> list[Image.Image]:
-    """Images for jobs that share all settings but prompt and seed. Each image's noise comes from its own
-    Generator("cpu").manual_seed(seed), drawn as ldm.sample draws it, so a job gives the image that
-    ldm.sample(model, [prompt], seed=seed, ...) gives, whatever batch it is in."""
-    job, f = jobs[0], model.downsample_factor
-    shape = (1, model.latent_channels, job.height // f, job.width // f)
-    generators = [torch.Generator("cpu").manual_seed(j.seed) for j in jobs]
-    latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
-    context = model.encode_prompt([j.prompt for j in jobs])
-    uncond = model.encode_prompt([j.negative for j in jobs]) if job.cfg != 1.0 else None
-    start_step = 0
-    if init is not None:  # img2img: noise the init image's latent to the point `strength` into the schedule
-        z0 = model.encode_images(init.to(model.device)).float().cpu().expand(latents.shape)
-        start_step = job.steps - min(int(job.steps * job.strength), job.steps)
-        t = ldm.ddim_timesteps(job.steps, len(model.alphas_cumprod))[job.steps - 1 - start_step]
-        latents = model.add_noise(z0, latents, torch.tensor([t])) if start_step < job.steps else z0
-    # eta > 0 draws fresh noise every step from one generator: run_generate then makes one image per batch
-    x = ldm.ddim_sample(model, latents.to(model.device, model.dtype), context, uncond, steps=job.steps,
-                        guidance_scale=job.cfg, eta=job.eta, generator=generators[0], start_step=start_step,
-                        progress=progress, cuda_graph=cuda_graph)
-    return ldm.to_pil(decode(model, x, tile))
+def generate(model: ldm.LatentDiffusion, jobs: list[Job], init: torch.Tensor = None, tile: int = None,
+             cuda_graph: bool = True) -> list[Image.Image]:
+    """The images of jobs that share every setting but prompt, negative prompt and seed."""
+    job = jobs[0]
+    try:
+        return ldm.sample(model, [j.prompt for j in jobs], negative_prompts=[j.negative for j in jobs],
+                          seed=[j.seed for j in jobs], steps=job.steps, guidance_scale=job.cfg, eta=job.eta,
+                          height=job.height, width=job.width, sampler=job.sampler, init_image=init,
+                          strength=job.strength or 0.75, tile=tile, cuda_graph=cuda_graph)
+    except ldm.NonFiniteError as e:
+        raise CliError(f"{e} (--dtype fp32 or bf16 may help)") from None
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -322,7 +294,7 @@ def run_generate(args) -> int:
     print(f"seed {seed}" + (f" (images use {seed}..{seed + args.n - 1})" if args.n > 1 else ""), file=sys.stderr)
     jobs = [Job(p, args.negative or "", seed + i, args.steps, args.cfg, args.eta, width, height,
                 args.strength if init is not None else None, args.sampler) for p in prompts for i in range(args.n)]
-    batch = 1 if args.eta > 0 else args.batch_size  # per-step eta noise is drawn per batch, not per image
+    batch = args.batch_size
     stop = []
 
     def on_sigint(signum, frame):
@@ -348,7 +320,7 @@ def run_generate(args) -> int:
             signal.signal(signal.SIGINT, previous)
     if len(written) > 1:
         cols = args.n if len(prompts) > 1 else math.ceil(math.sqrt(len(written)))
-        print(save_png(make_grid(written, cols), args.out, format_parameters(jobs[0], info), grid=True))
+        print(save_png(ldm.image_grid(written, cols), args.out, format_parameters(jobs[0], info), grid=True))
     if stop:
         print(f"interrupted: kept the {len(written)} image(s) written", file=sys.stderr)
         return 130
@@ -394,7 +366,7 @@ def main(argv: list[str] = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (CliError, ldm.CheckpointError) as e:
+    except (CliError, checkpoint.CheckpointError) as e:
         message = str(e)
     except RuntimeError as e:
         if not any(s in str(e).lower() for s in ("out of memory", "can't allocate memory")):

@@ -12,10 +12,14 @@ import math
 import os
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+import checkpoint
 
 
 # ----------------------------------------------------------------------------- config + presets
@@ -340,8 +344,13 @@ class _FirstStage(nn.Module):
     cfg: AutoencoderConfig
 
     @property
-    def config(self) -> AutoencoderConfig:  # the name LatentDiffusion reads; same object as .cfg
-        return self.cfg
+    def scale_factor(self) -> float:
+        """The latent scale the diffusion stage multiplies encodings by; it lives in (and is saved with) the config."""
+        return self.cfg.scale_factor
+
+    @scale_factor.setter
+    def scale_factor(self, value: float):
+        self.cfg = replace(self.cfg, scale_factor=float(value))
 
     def get_last_layer(self) -> nn.Parameter:
         """The decoder's output conv weight: where the GAN loss balances its gradient against reconstruction."""
@@ -353,7 +362,6 @@ class AutoencoderKL(_FirstStage):
         super().__init__()
         assert cfg.double_z, "a KL autoencoder predicts mean and logvar (double_z=True)"
         self.cfg = cfg
-        self.scale_factor = cfg.scale_factor
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
@@ -423,7 +431,6 @@ class VQModel(_FirstStage):
         super().__init__()
         assert cfg.n_embed and not cfg.double_z, "a VQ model needs n_embed and double_z=False"
         self.cfg = cfg
-        self.scale_factor = cfg.scale_factor
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim, beta=0.25)  # registered first, as the original
@@ -453,9 +460,6 @@ class VQModel(_FirstStage):
 
 # ----------------------------------------------------------------------------- loading / conversion
 
-IGNORED_PREFIXES = ("loss.", "model_ema.")  # training-loss modules and EMA bookkeeping of standalone VAE files
-
-
 def build_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL | VQModel:
     return VQModel(cfg) if cfg.is_vq else AutoencoderKL(cfg)
 
@@ -482,29 +486,14 @@ def infer_config(state_dict: dict[str, torch.Tensor], resolution: int = 256) -> 
         scale_factor=0.18215 if (not n_embed and embed_dim == 4 and ch_mult == (1, 2, 4, 4)) else 1.0)
 
 
-def _short(keys: list[str], n: int = 8) -> str:
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else f" ({len(keys)})")
-
-
-def autoencoder_from_state_dict(state_dict: dict[str, torch.Tensor],
-                                cfg: AutoencoderConfig | None = None) -> AutoencoderKL | VQModel:
-    """Strictly load a first-stage state dict (our/CompVis layout). The model is built on the meta device and the
-    given tensors are assigned, not copied, so the weights exist once in memory."""
-    sd = {k: v for k, v in state_dict.items() if not k.startswith(IGNORED_PREFIXES)}
-    cfg = cfg if cfg is not None else infer_config(sd)
+def autoencoder_from_state_dict(state_dict: dict[str, torch.Tensor], cfg: AutoencoderConfig | None = None,
+                                what: str = "autoencoder state dict") -> AutoencoderKL | VQModel:
+    """Strictly load a first-stage state dict (our/CompVis layout; training-loss and EMA keys are ignored). The model
+    is built on the meta device and the given tensors are assigned, not copied, so the weights exist once in memory."""
+    sd = {k: v for k, v in state_dict.items() if not checkpoint.is_ignored(k)}
     with torch.device("meta"):
-        model = build_autoencoder(cfg)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        parts = [f"{name} keys: {_short(keys)}" for name, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", wrong)) if keys]
-        raise ValueError("autoencoder state dict does not match the model: " + "; ".join(parts))
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model
+        model = build_autoencoder(cfg if cfg is not None else infer_config(sd))
+    return checkpoint.load_strict(model, sd, what)
 
 
 # Diffusers names inside a resnet / attention block -> ours (old diffusers folders use query/key/value/proj_attn).
@@ -577,28 +566,30 @@ def config_from_diffusers(config: dict) -> AutoencoderConfig:
 
 def load_autoencoder(path: str | os.PathLike, *, device: torch.device | str | None = None,
                      dtype: torch.dtype | None = None) -> AutoencoderKL | VQModel:
-    """Load a standalone VAE file (.safetensors/.ckpt), an LDM first-stage checkpoint, or a diffusers `vae/` folder."""
-    from ldm import read_checkpoint  # ldm imports this module; a top-level import would be circular
-
+    """Load a standalone VAE file (.safetensors/.ckpt), the first stage of an LDM/SD checkpoint, or a diffusers
+    `vae/` folder. A file train_vae.py wrote carries its exact config and latent scale factor in its metadata."""
+    path = Path(path)
     cfg = None
-    if os.path.isdir(path):
-        with open(os.path.join(path, "config.json")) as f:
-            cfg = config_from_diffusers(json.load(f))
-        names = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-        files = [os.path.join(path, n) for n in names if os.path.exists(os.path.join(path, n))]
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise checkpoint.CheckpointError(f"{path}: a folder without config.json; pass a VAE file or a diffusers "
+                                             "vae/ folder")
+        cfg = config_from_diffusers(json.loads((path / "config.json").read_text()))
+        files = [path / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+                 if (path / n).exists()]
         if not files:
-            raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors/.bin in {path}")
-        state_dict, metadata = read_checkpoint(files[0])
+            raise checkpoint.CheckpointError(f"{path}: no diffusion_pytorch_model.safetensors/.bin in the folder")
+        state_dict, metadata = checkpoint.read_checkpoint(files[0])
         state_dict = convert_diffusers(state_dict)
     else:
-        state_dict, metadata = read_checkpoint(path)
+        state_dict, metadata = checkpoint.read_checkpoint(path)
         if any(k.startswith("first_stage_model.") for k in state_dict):  # a full LDM/SD file: take its VAE
             state_dict = {k[len("first_stage_model."):]: v for k, v in state_dict.items()
                           if k.startswith("first_stage_model.")}
-    if cfg is None and "vae_config" in metadata:  # written by train.py --stage autoencoder: exact sizes and scale
+    if cfg is None and "vae_config" in metadata:  # written by train_vae.py: exact sizes and scale
         fields = json.loads(metadata["vae_config"])
         cfg = AutoencoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    model = autoencoder_from_state_dict(state_dict, cfg)
+    model = autoencoder_from_state_dict(state_dict, cfg, what=str(path))
     if "scale_factor" in metadata:
         model.scale_factor = float(metadata["scale_factor"])
     del state_dict
@@ -643,8 +634,6 @@ class CodebookEMA:
                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """One step after the forward pass: z is the quantiser input (B, C, h, w) (VQModel.encode), indices its flat
         (B*h*w,) codes. Returns perplexity, codes used in the batch and codes restarted."""
-        import torch.distributed as dist
-
         w = self.quantizer.embedding.weight
         n_embed = w.shape[0]
         for name, value in self.state_dict().items():  # follow the model when it moved after construction
