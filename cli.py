@@ -1,7 +1,8 @@
-"""What the command-line scripts share and must have before torch is imported (so `--help` answers at once):
-the help formatter. Standard library only."""
+"""What the command-line scripts share and must have before torch is imported (so that `--help` and usage errors
+answer at once): the help formatter and the flags of a training run. Standard library only."""
 
 import argparse
+import os
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -9,3 +10,51 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+def add_run_flags(p: argparse.ArgumentParser, defaults: dict[str, str]) -> argparse.ArgumentParser:
+    """The flags every training stage has: data, run folder, resume, optimisation, precision, checkpoints, progress.
+    `defaults` says in words what each size-dependent default is, e.g. {"lr": "1e-3 tiny, 1e-5 SD"}."""
+    def a(flag, help, **kw):
+        name = flag[2:].replace("-", "_")
+        p.add_argument(flag, help=f"{help} (default: {defaults[name]})" if name in defaults else help, **kw)
+
+    a("--data", "image folder (recursive; same-named .txt captions or a metadata.jsonl); with --resume, the run's own")
+    a("--out", "run folder: checkpoints, log.jsonl, loss.png, samples/, final.safetensors", required=True)
+    a("--ckpt", "start from this checkpoint (fine-tuning)")
+    a("--resume", "continue from the latest loadable checkpoint in --out", action="store_true")
+    a("--resolution", "training image size", type=int)
+    a("--random-crop", "random instead of centre crop after resizing the short side", action="store_true")
+    a("--flip", "random horizontal flips", action="store_true")
+    a("--val-fraction", "share of images held out for validation", type=float, default=0.02)
+    a("--batch-size", "images per GPU per micro-batch", type=int)
+    a("--grad-accum", "micro-batches per optimizer step", type=int, default=1)
+    a("--steps", "total optimizer steps, counted from 1", type=int)
+    a("--epochs", "total epochs instead of --steps", type=int)
+    a("--lr", "peak learning rate", type=float)
+    a("--warmup-steps", "linear warm-up steps", type=int)
+    a("--lr-schedule", "after warm-up", choices=["constant", "cosine"], default="constant")
+    a("--grad-clip", "max gradient norm, 0: off", type=float)
+    a("--precision", "autocast dtype", choices=["bf16", "fp16", "fp32"])
+    a("--seed", "seed of data order, noise, augmentation and from-scratch weights", type=int, default=0)
+    a("--num-workers", "data loading processes per GPU", type=int, default=min(4, os.cpu_count() or 1))
+    a("--device", "cpu or cuda[:N]")
+    a("--save-every", "checkpoint every N steps, 0: only at the end", type=int)
+    a("--keep", "number of checkpoints kept (at least 1)", type=int, default=3)
+    a("--sample-every", "sample grid every N steps, 0: only at the end", type=int)
+    a("--val-every", "validation every N steps", type=int)
+    a("--max-bad-steps", "stop after this many non-finite losses in a row", type=int, default=5)
+    a("--no-progress", "no progress bar", action="store_true")
+    return p
+
+
+def parse_run_args(make_parser, argv: list[str] = None) -> tuple[argparse.Namespace, set[str]]:
+    """(args, names of the flags given explicitly: on --resume those override the run's saved settings)."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.data is None and not args.resume:
+        parser.error("the following arguments are required: --data (unless --resume continues a run)")
+    explicit = make_parser()
+    for action in explicit._actions:
+        action.default, action.required = argparse.SUPPRESS, False
+    return args, set(vars(explicit.parse_args(argv)))

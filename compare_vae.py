@@ -3,8 +3,8 @@ small U-Net on each one's latents, and write a report (markdown table + PNG).
 
     python compare_vae.py --data ../shared/data/noto_128 --out runs/compare
 
-Each stage is an ordinary `train.py` run (so every run folder can be resumed, inspected and sampled); this script
-only chooses matching settings, evaluates the results on the same held-out split and writes
+Each stage is an ordinary `train_vae.py` or `train.py` run (so every run folder can be resumed, inspected and
+sampled); this script only chooses matching settings, evaluates the results on the same held-out split and writes
 OUT/report.md and OUT/report.png.
 """
 
@@ -26,9 +26,9 @@ import vae as vae_lib
 HERE = Path(__file__).resolve().parent
 
 
-def run_train(argv: list[str]):
-    print("$ python train.py " + " ".join(argv), flush=True)
-    subprocess.run([sys.executable, str(HERE / "train.py"), *argv], check=True)
+def run_train(script: str, argv: list[str]):
+    print(f"$ python {script} " + " ".join(argv), flush=True)
+    subprocess.run([sys.executable, str(HERE / script), *argv], check=True)
 
 
 def last_value(log: Path, key: str) -> float:
@@ -93,7 +93,9 @@ def main(argv=None):
     p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share, the same split for every run")
     p.add_argument("--seed", type=int, default=0, help="seed of every run")
     p.add_argument("--eval-images", type=int, default=256, help="held-out images used for PSNR/SSIM")
-    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further train.py flags for every run")
+    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the U-Net runs' sample grids")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further flags for every run (those "
+                   "train_vae.py and train.py share)")
     args = p.parse_args(argv)
     out = Path(args.out)
     common = ["--data", args.data, "--resolution", str(args.resolution), "--batch-size", str(args.batch_size),
@@ -107,11 +109,12 @@ def main(argv=None):
     for kind, config in (("KL", args.kl_config), ("VQ", args.vq_config)):
         ae_dir, ldm_dir = out / f"{kind.lower()}-vae", out / f"{kind.lower()}-ldm"
         if not (ae_dir / "final.safetensors").exists():
-            run_train(["--stage", "autoencoder", "--config", config, "--steps", str(args.ae_steps),
+            run_train("train_vae.py", ["--config", config, "--steps", str(args.ae_steps),
                        "--out", str(ae_dir), *common])
         if not (ldm_dir / "final.safetensors").exists():
-            run_train(["--stage", "unet", "--config", "tiny", "--vae", str(ae_dir / "final.safetensors"),
-                       "--cache-latents", "--steps", str(args.unet_steps), "--out", str(ldm_dir), *common])
+            run_train("train.py", ["--config", "tiny", "--vae", str(ae_dir / "final.safetensors"),
+                       "--cache-latents", "--steps", str(args.unet_steps), "--sample-steps", str(args.sample_steps),
+                       "--out", str(ldm_dir), *common])
         model = vae_lib.load_autoencoder(ae_dir / "final.safetensors").eval()
         result = evaluate(model, images)
         recons[kind] = result.pop("recon")

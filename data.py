@@ -81,11 +81,24 @@ def load_image(path: Path, resolution: int, rng: np.random.Generator = None, ran
     return x / 127.5 - 1.0
 
 
+def load_images(items: list[tuple[Path, str]], resolution: int) -> tuple[torch.Tensor | None, list[str]]:
+    """(images [N, 3, R, R] or None, their captions), centre-cropped; unreadable files are left out with a warning."""
+    x, captions = [], []
+    for path, caption in items:
+        try:
+            x.append(load_image(path, resolution))
+            captions.append(caption)
+        except Exception as e:
+            print(f"warning: image {path} is unreadable, left out ({e})", file=sys.stderr)
+    return (torch.stack(x) if x else None), captions
+
+
 def split_items(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
     """(train, held-out): a seeded split, the same for every run with the same data, fraction and seed."""
     order = np.random.default_rng([seed, 1]).permutation(len(items))
     n_val = int(len(items) * val_fraction) if len(items) > 1 else 0
-    return [items[i] for i in sorted(order[:len(items) - n_val])], [items[i] for i in sorted(order[len(items) - n_val:])]
+    keep, held_out = sorted(order[:len(items) - n_val]), sorted(order[len(items) - n_val:])
+    return [items[i] for i in keep], [items[i] for i in held_out]
 
 
 def readable(path: Path) -> bool:

@@ -16,10 +16,14 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image, ImageOps
 
+import checkpoint
+import cli
 import data
 import ldm
 import losses as losses_lib
+import runs
 import train
+import train_vae
 import vae as vae_lib
 
 HERE = Path(__file__).parent
@@ -130,13 +134,13 @@ def test_image_unreadable_at_run_time_is_replaced_by_the_next(tmp_path, capsys):
 
 def test_no_captions_trains_unconditionally(tmp_path, capsys):
     make_images(tmp_path / "d", 4, captions=None)
-    args, explicit = train.parse_args(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "out"), "--steps",
-                                       "1"] + FAST)
-    trainer = train.make_trainer(args, explicit)
+    args, explicit = cli.parse_run_args(train.make_parser, ["--data", str(tmp_path / "d"), "--out",
+                                                             str(tmp_path / "out"), "--steps", "1"] + FAST)
+    t = train.setup(args, explicit)
     out = capsys.readouterr()
     assert (out.out + out.err).count("training unconditionally") == 1
-    assert all(c == "" for _, c in trainer.items) and trainer.prompts == [""]
-    trainer.run()
+    assert all(c == "" for _, c in t.run.items) and t.prompts == [""]
+    train.train(t)
     assert len(losses(tmp_path / "out")) == 1
 
 
@@ -162,7 +166,7 @@ def sharp_vae(tmp_path_factory) -> str:
     with torch.no_grad():
         model.quant_conv.bias[model.cfg.embed_dim:] = -12.0  # logvar channels: std = exp(-6)
     path = tmp_path_factory.mktemp("vae") / "vae.safetensors"
-    ldm.save_safetensors(path, model.state_dict(), {"scale_factor": "2.0"})
+    checkpoint.save_safetensors(path, model.state_dict(), {"scale_factor": "2.0"})
     return str(path)
 
 
@@ -179,9 +183,9 @@ def test_overfit_one_batch(tmp_path, sharp_vae):
 
 
 def test_lr_schedule():
-    assert [train.lr_at(s, 1.0, 4, 10, "constant") for s in (1, 2, 4, 5, 10)] == [0.25, 0.5, 1.0, 1.0, 1.0]
-    assert train.lr_at(4, 1.0, 4, 10, "cosine") == 1.0 and train.lr_at(10, 1.0, 4, 10, "cosine") == 0.0
-    assert train.lr_at(7, 1.0, 4, 10, "cosine") == pytest.approx(0.5)
+    assert [runs.lr_at(s, 1.0, 4, 10, "constant") for s in (1, 2, 4, 5, 10)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    assert runs.lr_at(4, 1.0, 4, 10, "cosine") == 1.0 and runs.lr_at(10, 1.0, 4, 10, "cosine") == 0.0
+    assert runs.lr_at(7, 1.0, 4, 10, "cosine") == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("how", ["more_steps", "crash"])
@@ -197,27 +201,27 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, monkeypatch, 
     if how == "more_steps":
         train.main(common + ["--out", str(tmp_path / "b"), "--steps", "3"])
     else:
-        real = train.UNetTrainer.forward_backward
+        real = train.forward_backward
 
-        def crash_in_step_5(self, step):
+        def crash_in_step_5(t, step):
             if step == 5:
                 raise RuntimeError("simulated crash")
-            return real(self, step)
+            return real(t, step)
 
-        monkeypatch.setattr(train.UNetTrainer, "forward_backward", crash_in_step_5)
+        monkeypatch.setattr(train, "forward_backward", crash_in_step_5)
         with pytest.raises(RuntimeError, match="simulated crash"):
             train.main(common + ["--out", str(tmp_path / "b"), "--steps", "6"])
-        monkeypatch.setattr(train.UNetTrainer, "forward_backward", real)
+        monkeypatch.setattr(train, "forward_backward", real)
         assert [r["step"] for r in read_log(tmp_path / "b")] == [1, 2, 3, 4]
     # after the crash, --resume alone: the data folder and every other setting come from the checkpoint
     train.main((data + ["--steps", "6"] if how == "more_steps" else []) + ["--out", str(tmp_path / "b"), "--resume"])
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert len(a) == len(b) == 6 and a == b  # bitwise equal floats
     assert [r["step"] for r in read_log(tmp_path / "b")] == [1, 2, 3, 4, 5, 6]
-    sa = ldm.read_checkpoint(tmp_path / "a" / "final.safetensors")[0]
-    sb = ldm.read_checkpoint(tmp_path / "b" / "final.safetensors")[0]
+    sa = checkpoint.read_checkpoint(tmp_path / "a" / "final.safetensors")[0]
+    sb = checkpoint.read_checkpoint(tmp_path / "b" / "final.safetensors")[0]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    ck = torch.load(train.list_checkpoints(tmp_path / "b")[0], weights_only=True)
+    ck = torch.load(runs.list_checkpoints(tmp_path / "b")[0], weights_only=True)
     assert ck["step"] == 6 and ck["epoch"] == 6 // 2 and set(ck) >= {"unet", "ema", "optimizer", "rng", "args"}
 
 
@@ -251,7 +255,7 @@ def test_signal_finishes_the_step_saves_and_exits_0(tmp_path, sig):
     proc.send_signal(sig)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
-    (ckpt,) = train.list_checkpoints(out)
+    (ckpt,) = runs.list_checkpoints(out)
     state = torch.load(ckpt, weights_only=True)
     assert state["step"] == read_log(out)[-1]["step"] >= 2
     assert "continue with --resume" in output
@@ -269,30 +273,31 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
             raise OSError("disk gone")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(train.os, "replace", crash)
+    monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="disk gone"):
         train.main(argv)
-    monkeypatch.setattr(train.os, "replace", real_replace)
-    assert [p.name for p in train.list_checkpoints(out)] == ["ckpt-0000002.pt"]
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert [p.name for p in runs.list_checkpoints(out)] == ["ckpt-0000002.pt"]
     assert not list(out.glob("*.tmp"))
-    state, _ = train.load_latest_checkpoint(out)
+    state, _ = runs.load_latest_checkpoint(out)
     assert state["step"] == 2
     train.main(["--data", str(tmp_path / "d"), "--out", str(out), "--resume"])
     assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3, 4]
     # a damaged newest checkpoint is passed over on resume
     (out / "ckpt-0000009.pt").write_bytes(b"PK garbage")
-    state, path = train.load_latest_checkpoint(out)
+    state, path = runs.load_latest_checkpoint(out)
     assert state["step"] == 4 and path.name == "ckpt-0000004.pt"
 
 
 def test_non_finite_loss_stops_after_repeated_failures(tmp_path, monkeypatch, capsys):
     make_images(tmp_path / "d", 4)
-    monkeypatch.setattr(train, "diffusion_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(ldm, "diffusion_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(SystemExit, match="not finite for 5 steps"):
         train.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "out"), "--steps", "50"] + FAST)
-    state, _ = train.load_latest_checkpoint(tmp_path / "out")
+    state, _ = runs.load_latest_checkpoint(tmp_path / "out")
     assert state["step"] == 5
-    fresh = train.make_trainer(*train.parse_args(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "x")] + FAST))
+    fresh = train.setup(*cli.parse_run_args(train.make_parser, ["--data", str(tmp_path / "d"), "--out",
+                                                                str(tmp_path / "x")] + FAST))
     assert all(torch.equal(v, fresh.model.unet.state_dict()[k]) for k, v in state["unet"].items())
 
 
@@ -304,7 +309,7 @@ def test_export_loads_and_samples(tmp_path):
     out = tmp_path / "out"
     train.main(["--data", str(tmp_path / "d"), "--out", str(out), "--steps", "3", "--cache-latents"] + FAST)
     model = ldm.load_model(out / "final.safetensors", device="cpu")
-    ck, _ = train.load_latest_checkpoint(out)
+    ck, _ = runs.load_latest_checkpoint(out)
     assert all(torch.equal(model.unet.state_dict()[k], v) for k, v in ck["ema"].items())  # EMA weights exported
     images = ldm.sample(model, ["a red square"], steps=2, seed=0, progress=False)
     assert images[0].size == (64, 64)  # the model's resolution (the tiny preset's)
@@ -314,7 +319,7 @@ def test_export_loads_and_samples(tmp_path):
 def test_fine_tune_from_checkpoint_with_text_encoder_epochs_and_validation(tmp_path):
     make_images(tmp_path / "d", 12)
     base = ldm.build_model("tiny", prediction_type="v")
-    ldm.save_safetensors(tmp_path / "base.safetensors", train.export_tensors(base), train.export_config(base))
+    ldm.save_model(base, tmp_path / "base.safetensors")
     out = tmp_path / "out"
     train.main(["--data", str(tmp_path / "d"), "--out", str(out), "--ckpt", str(tmp_path / "base.safetensors"),
                 "--train-text-encoder", "--epochs", "2", "--grad-checkpointing", "--precision", "bf16"]
@@ -328,7 +333,7 @@ def test_fine_tune_from_checkpoint_with_text_encoder_epochs_and_validation(tmp_p
         before, after = getattr(base, name).state_dict(), getattr(tuned, name).state_dict()
         assert not all(torch.equal(before[k], after[k]) for k in before), name  # both were trained
     assert all(torch.equal(base.vae.state_dict()[k], v) for k, v in tuned.vae.state_dict().items())  # frozen
-    ck = torch.load(train.list_checkpoints(out)[0], weights_only=True)
+    ck = torch.load(runs.list_checkpoints(out)[0], weights_only=True)
     assert "text_encoder" in ck and "vae" not in ck  # the VAE reloads from --ckpt on resume
 
 
@@ -336,24 +341,33 @@ def test_export_keys_are_the_public_sd1_layout():
     with torch.device("meta"):
         model = ldm.build_model("sd1")
     manifest = json.loads((HERE / "fixtures" / "manifests" / "sd15.json").read_text())
-    keys = set(train.export_tensors(model, {k: v for k, v in model.unet.state_dict().items()}))
+    keys = set(model.checkpoint_state_dict())  # what ldm.save_model writes
     assert keys == {k for k in manifest if not k.endswith("position_ids")}
 
 
 # --- distributed ---------------------------------------------------------------------------------------------------
 
 
+STAGES = {"unet": train, "encoder": train_vae}  # the module whose gradients are compared -> its stage's script
+
+
+def stage_setup(module: str, argv: list[str]):
+    script = STAGES[module]
+    return script, script.setup(*cli.parse_run_args(script.make_parser, argv))
+
+
 def _ddp_worker(rank: int, world: int, port: int, argv: list[str], grads_path: str, module: str = "unet"):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    trainer = train.make_trainer(*train.parse_args(argv))
-    trainer.forward_backward(1)
+    script, t = stage_setup(module, argv)
+    script.forward_backward(t, 1)
     if rank == 0:
-        torch.save({n: p.grad for n, p in getattr(trainer.model, module).named_parameters()}, grads_path)
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.batches = None
-    trainer.run()
+        torch.save({n: p.grad for n, p in getattr(t.model, module).named_parameters()}, grads_path)
+    for opt in t.optimizers if module == "encoder" else [t.optimizer]:
+        opt.zero_grad(set_to_none=True)
+    t.run.batches = None
+    script.train(t)
     torch.distributed.destroy_process_group()
 
 
@@ -365,8 +379,8 @@ def test_two_process_ddp_matches_single_process_gradient(tmp_path):
         port = s.getsockname()[1]
     two = base + ["--out", str(tmp_path / "ddp"), "--batch-size", "1", "--grad-accum", "2"]  # 2 ranks x 2 x 1
     mp.spawn(_ddp_worker, args=(2, port, two, str(tmp_path / "grads.pt")), nprocs=2, join=True)
-    single = train.make_trainer(*train.parse_args(base + ["--out", str(tmp_path / "one"), "--batch-size", "4"]))
-    single.forward_backward(1)
+    _, single = stage_setup("unet", base + ["--out", str(tmp_path / "one"), "--batch-size", "4"])
+    train.forward_backward(single, 1)
     ddp_grads = torch.load(tmp_path / "grads.pt", weights_only=True)
     for n, p in single.model.unet.named_parameters():
         torch.testing.assert_close(ddp_grads[n], p.grad, rtol=1e-4, atol=1e-6)
@@ -377,7 +391,7 @@ def test_two_process_ddp_matches_single_process_gradient(tmp_path):
 
 # --- autoencoder stage ---------------------------------------------------------------------------------------------
 
-AE = ["--stage", "autoencoder", "--resolution", "32", "--batch-size", "4", "--num-workers", "0", "--no-progress",
+AE = ["--resolution", "32", "--batch-size", "4", "--num-workers", "0", "--no-progress",
       "--sample-every", "0", "--val-fraction", "0", "--save-every", "1000"]
 
 
@@ -386,7 +400,7 @@ def test_autoencoder_overfits_and_the_discriminator_starts_at_disc_start(tmp_pat
     the discriminator's loss appear exactly from --disc-start on."""
     make_images(tmp_path / "d", 4)
     out = tmp_path / "out"
-    train.main(["--data", str(tmp_path / "d"), "--out", str(out), "--config", "tiny-kl", "--steps", "120",
+    train_vae.main(["--data", str(tmp_path / "d"), "--out", str(out), "--config", "tiny-kl", "--steps", "120",
                 "--disc-start", "100"] + AE)
     log = [r for r in read_log(out) if "loss" in r]
     assert all(r["d_weight"] == 0 and r["disc_factor"] == 0 and "disc_loss" not in r for r in log[:100])
@@ -409,16 +423,16 @@ def test_autoencoder_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, c
     make_images(tmp_path / "d", 8)
     common = ["--data", str(tmp_path / "d"), "--config", config, "--disc-start", "1", "--flip", "--grad-accum", "2",
               "--codebook-ema", "--restart-dead-codes", "1"] + AE + ["--batch-size", "2", "--save-every", "2"]
-    train.main(common + ["--out", str(tmp_path / "a"), "--steps", "4"])
-    train.main(common + ["--out", str(tmp_path / "b"), "--steps", "2"])
-    train.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "b"), "--resume", "--steps", "4"])
+    train_vae.main(common + ["--out", str(tmp_path / "a"), "--steps", "4"])
+    train_vae.main(common + ["--out", str(tmp_path / "b"), "--steps", "2"])
+    train_vae.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "b"), "--resume", "--steps", "4"])
     a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
     assert len(a) == len(b) == 4 and a == [dict(r, images_per_s=ra["images_per_s"]) for r, ra in zip(b, a)]
     assert "disc_loss" not in a[0] and "disc_loss" in a[1]
     if config == "tiny-vq":
         assert all(0 < r["perplexity"] <= 64 and 0 < r["codes_used"] <= 64 for r in a)
         assert sum(r["codes_restarted"] for r in a) > 0
-    ca, cb = (torch.load(train.list_checkpoints(tmp_path / x)[0], weights_only=True) for x in "ab")
+    ca, cb = (torch.load(runs.list_checkpoints(tmp_path / x)[0], weights_only=True) for x in "ab")
     assert ca["step"] == cb["step"] == 4 and ("codebook_ema" in ca) == (config == "tiny-vq")
     for part in ("autoencoder", "discriminator", "codebook_ema"):
         assert all(torch.equal(v, cb[part][k]) for k, v in ca.get(part, {}).items()), part
@@ -428,7 +442,7 @@ def test_autoencoder_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path, c
 def test_autoencoder_export_scale_factor_reaches_the_unet_stage_and_sampling(tmp_path, capsys):
     make_images(tmp_path / "d", 6)
     vae_out, ldm_out = tmp_path / "vae", tmp_path / "ldm"
-    train.main(["--data", str(tmp_path / "d"), "--out", str(vae_out), "--steps", "3"] + AE
+    train_vae.main(["--data", str(tmp_path / "d"), "--out", str(vae_out), "--steps", "3"] + AE
                + ["--val-fraction", "0.34", "--val-every", "3", "--resolution", "64"])
     printed = float(capsys.readouterr().out.split("scale factor 1/std = ")[1].split()[0])
     val = [r for r in read_log(vae_out) if "val_psnr" in r]
@@ -449,22 +463,22 @@ def test_autoencoder_fine_tunes_the_decoder_only_and_stops_on_non_finite_losses(
     make_images(tmp_path / "d", 4)
     torch.manual_seed(1)
     base = vae_lib.build_autoencoder(vae_lib.PRESETS["tiny-kl"])
-    ldm.save_safetensors(tmp_path / "base.safetensors", base.state_dict())
+    checkpoint.save_safetensors(tmp_path / "base.safetensors", base.state_dict())
     argv = ["--data", str(tmp_path / "d"), "--ckpt", str(tmp_path / "base.safetensors"), "--steps", "2"] + AE
-    train.main(argv + ["--out", str(tmp_path / "a"), "--train-decoder-only", "--disc-start", "0"])
+    train_vae.main(argv + ["--out", str(tmp_path / "a"), "--train-decoder-only", "--disc-start", "0"])
     tuned = vae_lib.load_autoencoder(tmp_path / "a" / "final.safetensors").state_dict()
     for k, v in base.state_dict().items():
         assert torch.equal(v, tuned[k]) != k.startswith(("decoder.", "post_quant_conv.")), k
-    real = train.AutoencoderTrainer.reconstruct
+    real = train_vae.reconstruct
 
-    def nan_reconstruction(self, x, noise=None):
-        recon, parts = real(self, x, noise)
+    def nan_reconstruction(t, x, noise=None):
+        recon, parts = real(t, x, noise)
         return recon * float("nan"), parts
 
-    monkeypatch.setattr(train.AutoencoderTrainer, "reconstruct", nan_reconstruction)
+    monkeypatch.setattr(train_vae, "reconstruct", nan_reconstruction)
     with pytest.raises(SystemExit, match="not finite for 5 steps"):
-        train.main(argv + ["--out", str(tmp_path / "b"), "--steps", "50"])
-    state, _ = train.load_latest_checkpoint(tmp_path / "b")
+        train_vae.main(argv + ["--out", str(tmp_path / "b"), "--steps", "50"])
+    state, _ = runs.load_latest_checkpoint(tmp_path / "b")
     assert state["step"] == 5 and all(torch.equal(v, base.state_dict()[k]) for k, v in state["autoencoder"].items())
 
 def test_autoencoder_perceptual_weights_and_gan_state_from_a_first_stage_checkpoint(tmp_path, capsys):
@@ -475,25 +489,30 @@ def test_autoencoder_perceptual_weights_and_gan_state_from_a_first_stage_checkpo
     lpips = losses_lib.LPIPS(width=4)
     for p in lpips.parameters():
         p.data = torch.rand(p.shape) * 0.1
-    ldm.save_safetensors(tmp_path / "lpips.safetensors", lpips.state_dict())
+    checkpoint.save_safetensors(tmp_path / "lpips.safetensors", lpips.state_dict())
     ae = vae_lib.build_autoencoder(vae_lib.PRESETS["tiny-kl"])
     gan = losses_lib.build_loss(dataclasses.replace(losses_lib.PRESETS["kl-f8"], disc_ndf=32, perceptual_weight=0))
     gan.logvar.data.fill_(0.5)
-    ldm.save_safetensors(tmp_path / "ae.safetensors", {**ae.state_dict(), **{
+    checkpoint.save_safetensors(tmp_path / "ae.safetensors", {**ae.state_dict(), **{
         "loss." + k: v for k, v in gan.state_dict().items() if not k.startswith("perceptual_loss.")}})
-    train.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "out"), "--steps", "1", "--ckpt",
+    train_vae.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "out"), "--steps", "1", "--ckpt",
                 str(tmp_path / "ae.safetensors"), "--perceptual-weights", str(tmp_path / "lpips.safetensors")] + AE)
     out = capsys.readouterr().out
     assert "LPIPS) term is off" not in out and "discriminator and logvar from" in out
     (rec,) = read_log(tmp_path / "out")
     assert rec["p_loss"] > 0 and rec["logvar"] == pytest.approx(0.5, abs=0.01)
 
-def test_stage_presets_are_checked(tmp_path):
+def test_stage_presets_are_checked(tmp_path, capsys):
+    """Each stage's --config takes its own presets only, named in --help without importing torch."""
+    assert set(train.CONFIGS) == set(ldm.PRESETS) and set(train_vae.CONFIGS) == set(vae_lib.PRESETS)
     make_images(tmp_path / "d", 2)
-    with pytest.raises(SystemExit, match="not a first-stage preset"):
-        train.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "a"), "--config", "tiny"] + AE)
-    with pytest.raises(SystemExit, match="is a first-stage preset"):
+    with pytest.raises(SystemExit) as e:
+        train_vae.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "a"), "--config", "tiny"] + AE)
+    assert e.value.code == 2 and "invalid choice: 'tiny'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
         train.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "b"), "--config", "tiny-kl"] + FAST)
+    assert e.value.code == 2 and "invalid choice: 'tiny-kl'" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_two_process_autoencoder_matches_single_process_gradient(tmp_path):
@@ -506,8 +525,8 @@ def test_two_process_autoencoder_matches_single_process_gradient(tmp_path):
         port = s.getsockname()[1]
     two = base + ["--out", str(tmp_path / "ddp"), "--batch-size", "1", "--grad-accum", "2"]
     mp.spawn(_ddp_worker, args=(2, port, two, str(tmp_path / "grads.pt"), "encoder"), nprocs=2, join=True)
-    single = train.make_trainer(*train.parse_args(base + ["--out", str(tmp_path / "one"), "--batch-size", "4"]))
-    single.forward_backward(1)
+    _, single = stage_setup("encoder", base + ["--out", str(tmp_path / "one"), "--batch-size", "4"])
+    train_vae.forward_backward(single, 1)
     ddp_grads = torch.load(tmp_path / "grads.pt", weights_only=True)
     for n, p in single.model.encoder.named_parameters():
         torch.testing.assert_close(ddp_grads[n], p.grad, rtol=1e-4, atol=1e-6)
@@ -521,8 +540,8 @@ def test_compare_vae_report(tmp_path):
     make_images(tmp_path / "d", 12)
     out = tmp_path / "cmp"
     compare_vae.main(["--data", str(tmp_path / "d"), "--out", str(out), "--resolution", "32", "--ae-steps", "2",
-                      "--unet-steps", "2", "--batch-size", "2", "--val-fraction", "0.25",
-                      "--extra", "--val-every", "1", "--sample-every", "0", "--sample-steps", "1", "--save-every", "0",
+                      "--unet-steps", "2", "--batch-size", "2", "--val-fraction", "0.25", "--sample-steps", "1",
+                      "--extra", "--val-every", "1", "--sample-every", "0", "--save-every", "0",
                       "--num-workers", "0"])
     report = (out / "report.md").read_text()
     for label in ("compression", "held-out PSNR", "held-out SSIM", "latent std", "codebook codes used",
