@@ -1,14 +1,11 @@
-"""Tests for sample.py (the text-to-image CLI) and ldm.py's default-weights download. CPU, a tiny random model
-written by the test; the download runs against a local HTTP server with Range support on 127.0.0.1."""
+"""Tests for sample.py (the text-to-image CLI). CPU, a tiny random model written by the test."""
 
 import hashlib
-import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +13,11 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
+import checkpoint
 import ldm
 import sample
 import vae as vae_lib
-from test_ldm import randomize_
+from testutil import randomize_
 
 ROOT = Path(__file__).resolve().parent
 
@@ -28,7 +26,7 @@ ROOT = Path(__file__).resolve().parent
 def ckpt(tmp_path_factory) -> Path:
     model = randomize_(ldm.build_model("tiny"))
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    ldm.save_safetensors(path, model.checkpoint_state_dict(), {"ldm_config": json.dumps(model.model_config())})
+    ldm.save_model(model, path)
     return path
 
 
@@ -165,7 +163,7 @@ def test_img2img_records_strength_and_replays(tmp_path, ckpt, capsys):
 
 def test_vae_swap_changes_the_image_and_is_recorded(tmp_path, ckpt, capsys):
     vae = randomize_(ldm.build_model("tiny").vae, seed=1)
-    ldm.save_safetensors(tmp_path / "other-vae.safetensors", vae.state_dict())
+    checkpoint.save_safetensors(tmp_path / "other-vae.safetensors", vae.state_dict())
     common = ("a", "--ckpt", ckpt, "--seed", 0, "--steps", 2, "--out", tmp_path)
     rc, out, _ = run_main(capsys, *common)
     rc2, out2, _ = run_main(capsys, *common, "--vae", tmp_path / "other-vae.safetensors")
@@ -209,7 +207,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, ckpt, capsys, case):
         (tmp_path / "bad.safetensors").write_bytes(ckpt.read_bytes()[:5000])
         args[2] = tmp_path / "bad.safetensors"
     elif case == "unknown_layout":
-        ldm.save_safetensors(tmp_path / "lora.safetensors", {"lora_unet_x.alpha": torch.ones(1)})
+        checkpoint.save_safetensors(tmp_path / "lora.safetensors", {"lora_unet_x.alpha": torch.ones(1)})
         args[2] = tmp_path / "lora.safetensors"
     elif case == "size":
         args += ["--height", 30]
@@ -228,7 +226,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path, ckpt, capsys, case):
         args += ["--tile", 4]
     elif case == "bad_vae":  # a VQ autoencoder: loads, but its keys are not the tiny KL model's
         vq = vae_lib.build_autoencoder(vae_lib.PRESETS["tiny-vq"])
-        ldm.save_safetensors(tmp_path / "vae.safetensors", vq.state_dict())
+        checkpoint.save_safetensors(tmp_path / "vae.safetensors", vq.state_dict())
         args += ["--vae", tmp_path / "vae.safetensors"]
     rc, out, err = run_main(capsys, *args)
     assert rc == 2 and out == ""
@@ -245,24 +243,26 @@ def tiny(ckpt):
     return ldm.load_model(ckpt, device="cpu")
 
 
-def test_generate_matches_ldm_sample(tiny):
-    job = sample.Job("a cat", "dog", 5, 3, 7.5, 0.5, 64, 48)
-    ours = sample.generate(tiny, [job], progress=False)[0]
-    ref = ldm.sample(tiny, ["a cat"], negative_prompts=["dog"], steps=3, eta=0.5, seed=5, height=48, width=64,
-                     progress=False)[0]
-    assert np.array_equal(np.asarray(ours), np.asarray(ref))
-    init = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    job = sample.Job("a cat", "", 6, 5, 3.0, 0.0, 64, 64, strength=0.6)
-    ours = sample.generate(tiny, [job], init, progress=False)[0]
-    ref = ldm.sample(tiny, ["a cat"], steps=5, guidance_scale=3.0, seed=6, init_image=init, strength=0.6,
-                     progress=False)[0]
-    assert np.array_equal(np.asarray(ours), np.asarray(ref))
+def test_batches_with_eta_give_each_image_its_own_seed(tmp_path, ckpt, capsys):
+    """eta > 0 draws fresh noise every step from each image's own generator, so --batch-size 2 gives the images of
+    --batch-size 1 (up to the last bit of batched float maths: a pixel level at most, where a shared generator would
+    give other pictures), and each replays alone."""
+    args = ("a cat", "--ckpt", ckpt, "--seed", 5, "--steps", 3, "--eta", 0.5, "--n", 2, "--height", 48)
+    rc, out1, _ = run_main(capsys, *args, "--out", tmp_path / "one")
+    rc2, out2, _ = run_main(capsys, *args, "--batch-size", 2, "--out", tmp_path / "two")
+    one, two = out1.split()[:2], out2.split()[:2]
+    assert rc == rc2 == 0 and len(one) == len(two) == 2
+    pixels = [[np.asarray(Image.open(p), dtype=np.int16) for p in paths] for paths in (one, two)]
+    assert all(np.abs(a - b).max() <= 1 for a, b in zip(*pixels))
+    assert np.abs(pixels[0][0] - pixels[0][1]).mean() > 10  # two seeds, two pictures
+    rc, out, _ = run_main(capsys, "--replay", one[1], "--ckpt", ckpt)
+    assert rc == 0 and out.startswith("match")
 
 
 def test_tile_decodes_large_images_in_tiles(tiny, tmp_path, ckpt, capsys):
-    job = sample.Job("a cat", "", 2, 2, 7.5, 0.0, 128, 128)  # 32x32 latents: tiles of 8 + 2 overlap
-    whole = np.asarray(sample.generate(tiny, [job], progress=False)[0], dtype=np.int16)
-    tiled = np.asarray(sample.generate(tiny, [job], progress=False, tile=8)[0], dtype=np.int16)
+    kw = dict(seed=2, steps=2, height=128, width=128, progress=False)  # 32x32 latents: tiles of 8 + 2 overlap
+    whole = np.asarray(ldm.sample(tiny, ["a cat"], **kw)[0], dtype=np.int16)
+    tiled = np.asarray(ldm.sample(tiny, ["a cat"], tile=8, **kw)[0], dtype=np.int16)
     assert tiled.shape == whole.shape and not np.array_equal(tiled, whole)  # the tiled decoder really ran
     # per-tile GroupNorm statistics move pixels, not the picture. Measured with these random weights over seeds 2-4:
     # correlation 0.983-0.986, mean |difference| 16-17% of the image's own mean |pixel - mean|
@@ -280,14 +280,14 @@ def test_half_precision_vae_overflow_is_decoded_again_in_float32(tiny, monkeypat
     vae.half()
     try:
         z = torch.randn(1, tiny.latent_channels, 16, 16, generator=torch.Generator().manual_seed(0))
-        images = sample.decode(tiny, z)
+        images = ldm.decode(tiny, z)
         assert torch.isfinite(images).all() and next(vae.parameters()).dtype == torch.float32
         assert "decoding again with the VAE in float32" in capsys.readouterr().err
         monkeypatch.setattr(vae, "decode", lambda z: decode(z) * float("nan"))
-        with pytest.raises(sample.CliError, match="NaN/inf pixels even in float32"):
-            sample.decode(tiny, z)
-        with pytest.raises(sample.CliError, match="NaN/inf latents"):
-            sample.decode(tiny, torch.full_like(z, float("inf")))
+        with pytest.raises(ldm.NonFiniteError, match="NaN/inf pixels even in float32"):
+            ldm.decode(tiny, z)
+        with pytest.raises(ldm.NonFiniteError, match="NaN/inf latents"):
+            ldm.decode(tiny, torch.full_like(z, float("inf")))
     finally:
         vae.float()
 
