@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -174,7 +174,7 @@ class Run:
                        + ", ".join(p.name for p in bad[:5]) + (", ..." if len(bad) > 5 else ""))
         if not self.items:
             raise SystemExit(f"error: --data {args.data}: none of the {len(bad)} images could be read")
-        self.start, self.bad_steps, self.stop_requested = 1, 0, False
+        self.start, self.bad_steps, self.stop_requested, self.stop = 1, 0, False, False
 
     def merge_args(self, saved: dict, given: argparse.Namespace, explicit: set[str]) -> argparse.Namespace:
         """The run's saved settings, overridden by the flags given now (e.g. a larger --steps)."""
@@ -219,6 +219,11 @@ class Run:
         if self.rank == 0:
             tqdm.write(" ".join(map(str, a)))
 
+    def announce(self, model: str):
+        """One line on what trains where: the stage's model description, then the run's settings."""
+        self.print(f"{model}, {self.args.resolution}px, device {self.device}, world {self.world}, "
+                   f"precision {self.args.precision}")
+
     @property
     def quiet(self) -> bool:
         return self.rank != 0 or self.args.no_progress
@@ -247,6 +252,14 @@ class Run:
             dist.all_reduce(loss)
             loss /= self.world
         return loss
+
+    def average_gradients(self, params: list[torch.Tensor]):
+        """Mean of each gradient over the ranks, for models trained without a DDP wrapper."""
+        if self.world > 1:
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
 
     def optimizer_step(self, optimizers: list[torch.optim.Optimizer], step: int, loss: float) -> tuple[bool, float]:
         """Set the LR, unscale and clip, step every optimizer that has gradients, zero them. Returns (applied, grad
@@ -335,16 +348,31 @@ class Run:
             draw_loss_curve(self.out / "log.jsonl", self.out / "loss.png")
         self.barrier()
 
+    def finish(self, path: Path):
+        """After the stage wrote its final file (rank 0): the loss curve, a last word, and every rank waits."""
+        if self.rank == 0:
+            draw_loss_curve(self.out / "log.jsonl", self.out / "loss.png")
+            self.print(f"wrote {path}")
+        self.barrier()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
     def barrier(self):
         if self.world > 1:
             dist.barrier()
 
     # --- the loop's frame ------------------------------------------------------------------------------------
 
-    @contextmanager
     def steps(self):
-        """The loop's frame: yields a progress bar over steps start..total. The first SIGINT/SIGTERM asks the loop
-        to stop after the current step (run.stopping), a second raises KeyboardInterrupt."""
+        """The steps still to run, start..total, for the stage's `for step in run.steps():` loop, with the progress
+        bar. After each step's body it stops the run, as the body's checkpoint_due/save arranged: on a first
+        SIGINT/SIGTERM (the step finishes and is saved; a second one raises KeyboardInterrupt) and after
+        --max-bad-steps non-finite losses in a row. `run.completed` tells afterwards whether every step ran."""
         def request_stop(signum, frame):
             if self.stop_requested:
                 raise KeyboardInterrupt
@@ -352,45 +380,57 @@ class Run:
             self.print(f"\n{signal.Signals(signum).name}: finishing this step, saving, then exiting "
                        "(again to abort without saving)")
 
+        self.open_folder()
+        self.completed = False
+        if self.start > self.total:
+            self.print(f"already at step {self.start - 1} of {self.total}")
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        bar = tqdm(total=self.total, initial=self.start - 1, disable=self.quiet, dynamic_ncols=True, unit="step")
+        self.bar = tqdm(total=self.total, initial=self.start - 1, disable=self.quiet, dynamic_ncols=True, unit="step")
         self.tick = time.perf_counter()
         try:
-            yield bar
+            for step in range(self.start, self.total + 1):
+                yield step
+                if self.bad_steps >= self.args.max_bad_steps:  # the body saved the last good weights
+                    raise SystemExit(f"error: the loss was not finite for {self.bad_steps} steps in a row (step "
+                                     f"{step}); saved the last good weights. Lower --lr, or use --precision bf16/fp32")
+                if self.stop and step < self.total:
+                    return self.print(f"stopped at step {step}; continue with --resume")
+                self.tick = time.perf_counter()  # validation, samples and saves do not count against images/s
+            self.completed = True
         finally:
-            bar.close()
+            self.bar.close()
             self.batches = None
             for s, h in handlers.items():
                 signal.signal(s, h)
 
-    def log_step(self, bar, step: int, loss: float, norm: float, applied: bool, lr: float, logs: dict):
-        """log.jsonl and the progress bar; images/s leaves out validation, samples and saves (see resume_clock)."""
+    def log_step(self, step: int, loss: float, norm: float, applied: bool, lr: float, logs: dict = None):
+        """log.jsonl and the progress bar; images/s leaves out validation, samples and saves."""
         now = time.perf_counter()
         ips, self.tick = self.global_batch / (now - self.tick), now
         if self.rank == 0:
-            finite = {k: v for k, v in logs.items() if math.isfinite(v)}
+            finite = {k: v for k, v in (logs or {}).items() if math.isfinite(v)}
             self.log(dict(step=step, epoch=(step - 1) // self.sampler.steps_per_epoch,
                           loss=loss if math.isfinite(loss) else None, lr=lr,
                           grad_norm=norm if math.isfinite(norm) else None, images_per_s=round(ips, 3),
                           applied=applied, **finite))
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}", refresh=False)
-            bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}", refresh=False)
+            self.bar.update(1)
 
-    def resume_clock(self):
-        self.tick = time.perf_counter()
+    def log_validation(self, step: int, metrics: dict | None):
+        if metrics:
+            self.log(dict(step=step, **metrics))
+            self.bar.write(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items()))
 
-    def stopping(self) -> bool:
-        """Whether any rank was asked to stop (all ranks must leave the loop after the same step)."""
-        if self.world == 1:
-            return self.stop_requested
-        flag = torch.tensor([float(self.stop_requested)], device=self.device)
-        dist.all_reduce(flag)
-        return flag.item() > 0
-
-    def give_up(self, step: int, state: dict):
-        """Too many non-finite losses in a row: save the last good weights and stop with one line."""
-        self.save(step, state)
-        raise SystemExit(f"error: the loss was not finite for {self.bad_steps} steps in a row (step {step}); saved "
-                         "the last good weights. Lower --lr, or use --precision bf16/fp32")
+    def checkpoint_due(self, step: int) -> bool:
+        """Save now: every --save-every steps, at the last step, when stopping on a signal (agreed by every rank), or
+        to keep the last good weights before giving up on non-finite losses."""
+        self.stop = self.stop_requested
+        if self.world > 1:  # all ranks must leave the loop after the same step
+            flag = torch.tensor([float(self.stop_requested)], device=self.device)
+            dist.all_reduce(flag)
+            self.stop = flag.item() > 0
+        every = self.args.save_every
+        return (self.stop or bool(every) and step % every == 0 or step == self.total
+                or self.bad_steps >= self.args.max_bad_steps)

@@ -367,8 +367,7 @@ def _ddp_worker(rank: int, world: int, port: int, argv: list[str], grads_path: s
     for opt in t.optimizers if module == "encoder" else [t.optimizer]:
         opt.zero_grad(set_to_none=True)
     t.run.batches = None
-    script.train(t)
-    torch.distributed.destroy_process_group()
+    script.train(t)  # leaves the process group at its end
 
 
 def test_two_process_ddp_matches_single_process_gradient(tmp_path):

@@ -66,7 +66,6 @@ from dataclasses import asdict, dataclass, replace  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -168,9 +167,8 @@ def setup(args: argparse.Namespace, explicit: set[str] = frozenset()) -> Trainin
                  if args.ema_decay else None, prompts)
     if args.cache_latents:
         build_caches(t)
-    run.print(f"{sum(p.numel() for p in model.unet.parameters()) / 1e6:.1f}M U-Net parameters, prediction "
-              f"{model.prediction_type}, {args.resolution}px, device {run.device}, world {run.world}, "
-              f"precision {args.precision}")
+    run.announce(f"{sum(p.numel() for p in model.unet.parameters()) / 1e6:.1f}M U-Net parameters, prediction "
+                 f"{model.prediction_type}")
     if run.state is not None:
         load_state(t, run.state)
     return t
@@ -379,56 +377,34 @@ def sample_grid(t: Training, step: int):
 
 
 def train(t: Training):
-    """For each step: batch -> loss -> optimizer step -> EMA -> log / validate / sample / save."""
+    """For each step: batch -> loss -> optimizer step -> EMA -> log / validate / sample / save; then
+    final.safetensors (the public single-file layout, EMA weights unless --export-weights raw)."""
     run, args = t.run, t.args
-    run.open_folder()
-    if run.start > run.total:
-        run.print(f"already at step {run.start - 1} of {run.total}")
-        return finish(t, run.start - 1)
-    with run.steps() as bar:
-        for step in range(run.start, run.total + 1):
+    with run:  # leaves the process group however the run ends
+        for step in run.steps():
             loss = forward_backward(t, step).item()
             applied, norm = run.optimizer_step([t.optimizer], step, loss)
             if applied and t.ema is not None:
                 update_ema(t)
-            run.log_step(bar, step, loss, norm, applied, t.optimizer.param_groups[0]["lr"], {})
-            if run.bad_steps >= args.max_bad_steps:
-                run.give_up(step, checkpoint_state(t, step))
-            if run.due(step, args.val_every) and (val := validate(t)):
-                run.log(dict(step=step, **val))
-                bar.write(f"step {step}: validation loss {val['val_loss']:.4f}")
+            run.log_step(step, loss, norm, applied, t.optimizer.param_groups[0]["lr"])
+            if run.due(step, args.val_every):
+                run.log_validation(step, validate(t))
             if run.due(step, args.sample_every):
                 sample_grid(t, step)
-            stop = run.stopping()
-            if stop or (args.save_every and step % args.save_every == 0) or step == run.total:
+            if run.checkpoint_due(step):
                 run.save(step, checkpoint_state(t, step))
-            if stop and step < run.total:
-                return run.print(f"stopped at step {step}; continue with --resume")
-            run.resume_clock()  # validation, samples and saves do not count against images/s
-    finish(t, run.total)
-
-
-def finish(t: Training, step: int):
-    """final.safetensors (the public single-file layout, EMA weights unless --export-weights raw), a last sample
-    grid and the loss curve."""
-    run = t.run
-    if run.rank == 0:
-        with ema_weights(t, use=t.args.export_weights == "ema"):
-            ldm.save_model(t.model, run.out / "final.safetensors")
-        if not (t.args.sample_every and step % t.args.sample_every == 0):
-            sample_grid(t, step)
-        runs.draw_loss_curve(run.out / "log.jsonl", run.out / "loss.png")
-        run.print(f"wrote {run.out / 'final.safetensors'}")
-    run.barrier()
+        if not run.completed:
+            return
+        if run.rank == 0:
+            with ema_weights(t, use=args.export_weights == "ema"):
+                ldm.save_model(t.model, run.out / "final.safetensors")
+            if not run.due(run.total, args.sample_every):  # a last grid when the last step made none
+                sample_grid(t, run.total)
+        run.finish(run.out / "final.safetensors")
 
 
 def main(argv: list[str] = None):
-    t = setup(*parse_run_args(make_parser, argv))
-    try:
-        train(t)
-    finally:
-        if t.run.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    train(setup(*parse_run_args(make_parser, argv)))
 
 
 if __name__ == "__main__":

@@ -60,7 +60,6 @@ from dataclasses import asdict, dataclass, replace  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import checkpoint  # noqa: E402
@@ -155,9 +154,8 @@ def setup(args: argparse.Namespace, explicit: set[str] = frozenset()) -> Trainin
     t = Training(run, model, loss, optimizers, codebook)
     n_ae, n_d = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (model, loss.discriminator))
     kind = f"VQ, {model.cfg.n_embed} codes" if model.cfg.is_vq else "KL"
-    run.print(f"{n_ae:.1f}M autoencoder parameters ({kind}, f{t.downsample_factor}), {n_d:.1f}M discriminator from "
-              f"step {args.disc_start + 1}, {args.resolution}px, device {run.device}, world {run.world}, "
-              f"precision {args.precision}")
+    run.announce(f"{n_ae:.1f}M autoencoder parameters ({kind}, f{t.downsample_factor}), {n_d:.1f}M discriminator "
+                 f"from step {args.disc_start + 1}")
     if run.state is not None:
         load_state(t, run.state)
     return t
@@ -209,10 +207,7 @@ def forward_backward(t: Training, step: int) -> tuple[torch.Tensor, dict]:
             run.backward(d_loss / args.grad_accum)
         totals.append(loss.detach().float())
         records.append({k: float(v) for k, v in log.items() if k != "total_loss"})
-    if run.world > 1:
-        for p in [p for o in t.optimizers for g in o.param_groups for p in g["params"] if p.grad is not None]:
-            dist.all_reduce(p.grad)
-            p.grad /= run.world
+    run.average_gradients([p for o in t.optimizers for g in o.param_groups for p in g["params"]])
     logs = {k: float(np.mean([r[k] for r in records])) for k in records[0]}
     if model.cfg.is_vq:
         perplexity, used = vae_lib.codebook_stats(torch.cat([i for _, i in t.codes]), model.cfg.n_embed)
@@ -315,55 +310,31 @@ def sample_grid(t: Training, step: int):
 
 
 def train(t: Training):
-    """For each step: batch -> both losses -> optimizer steps -> codebook -> log / validate / sample / save."""
+    """For each step: batch -> both losses -> optimizer steps -> codebook -> log / save / validate / sample."""
     run, args = t.run, t.args
-    run.open_folder()
-    if run.start > run.total:
-        run.print(f"already at step {run.start - 1} of {run.total}")
-        return finish(t, run.start - 1)
-    with run.steps() as bar:
-        for step in range(run.start, run.total + 1):
+    with run:  # leaves the process group however the run ends
+        for step in run.steps():
             loss, logs = forward_backward(t, step)
-            loss = loss.item()
-            applied, norm = run.optimizer_step(t.optimizers, step, loss)
+            applied, norm = run.optimizer_step(t.optimizers, step, loss.item())
             if applied and t.codebook is not None:
                 logs["codes_restarted"] = update_codebook(t, step)
-            run.log_step(bar, step, loss, norm, applied, t.optimizers[0].param_groups[0]["lr"], logs)
-            if run.bad_steps >= args.max_bad_steps:
-                run.give_up(step, checkpoint_state(t, step))
-            if run.due(step, args.val_every) and (val := validate(t)):
-                run.log(dict(step=step, **val))
-                bar.write(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in val.items()))
+            run.log_step(step, loss.item(), norm, applied, t.optimizers[0].param_groups[0]["lr"], logs)
+            if run.checkpoint_due(step):
+                run.save(step, checkpoint_state(t, step))
+            if run.due(step, args.val_every):
+                run.log_validation(step, validate(t))
             if run.due(step, args.sample_every):
                 sample_grid(t, step)
-            stop = run.stopping()
-            if stop or (args.save_every and step % args.save_every == 0) or step == run.total:
-                run.save(step, checkpoint_state(t, step))
-            if stop and step < run.total:
-                return run.print(f"stopped at step {step}; continue with --resume")
-            run.resume_clock()  # validation, samples and saves do not count against images/s
-    finish(t, run.total)
-
-
-def finish(t: Training, step: int):
-    """final.safetensors (with the estimated scale factor), a last reconstruction grid and the loss curve."""
-    run = t.run
-    if run.rank == 0:
-        export(t, run.out / "final.safetensors")
-        if not (t.args.sample_every and step % t.args.sample_every == 0):
-            sample_grid(t, step)
-        runs.draw_loss_curve(run.out / "log.jsonl", run.out / "loss.png")
-        run.print(f"wrote {run.out / 'final.safetensors'}")
-    run.barrier()
+        if run.completed and run.rank == 0:  # the final file, and a last grid when the last step made none
+            export(t, run.out / "final.safetensors")
+            if not run.due(run.total, args.sample_every):
+                sample_grid(t, run.total)
+        if run.completed:
+            run.finish(run.out / "final.safetensors")
 
 
 def main(argv: list[str] = None):
-    t = setup(*parse_run_args(make_parser, argv))
-    try:
-        train(t)
-    finally:
-        if t.run.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    train(setup(*parse_run_args(make_parser, argv)))
 
 
 if __name__ == "__main__":
