@@ -73,13 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     build_parser().parse_args()  # --help and usage errors answer at once, before torch's seconds-long import
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageOps, PngImagePlugin  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image, ImageOps, PngImagePlugin
 
-import checkpoint  # noqa: E402
-import ldm  # noqa: E402
-import vae as vae_lib  # noqa: E402
+import checkpoint
+import ldm
+import vae as vae_lib
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

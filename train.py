@@ -60,20 +60,20 @@ def make_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     parse_run_args(make_parser)  # --help and usage errors answer at once, before torch's seconds-long import
 
-import json  # noqa: E402
-from contextlib import contextmanager, nullcontext  # noqa: E402
-from dataclasses import asdict, dataclass, replace  # noqa: E402
+import json
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, replace
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
 
-import data  # noqa: E402
-import ldm  # noqa: E402
-import runs  # noqa: E402
-import unet as unet_lib  # noqa: E402
-import vae as vae_lib  # noqa: E402
+import data
+import ldm
+import runs
+import unet as unet_lib
+import vae as vae_lib
 
 # -----------------------------------------------------------------------------------------------------------------
 # Set-up: the model, what trains, the caches

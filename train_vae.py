@@ -54,20 +54,20 @@ def make_parser() -> argparse.ArgumentParser:
 if __name__ == "__main__":
     parse_run_args(make_parser)  # --help and usage errors answer at once, before torch's seconds-long import
 
-import json  # noqa: E402
-import os  # noqa: E402
-from dataclasses import asdict, dataclass, replace  # noqa: E402
+import json
+import os
+from dataclasses import asdict, dataclass, replace
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
+import numpy as np
+import torch
+import torch.nn as nn
 
-import checkpoint  # noqa: E402
-import data  # noqa: E402
-import ldm  # noqa: E402
-import losses  # noqa: E402
-import runs  # noqa: E402
-import vae as vae_lib  # noqa: E402
+import checkpoint
+import data
+import ldm
+import losses
+import runs
+import vae as vae_lib
 
 # -----------------------------------------------------------------------------------------------------------------
 # Set-up
