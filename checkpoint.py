@@ -415,13 +415,14 @@ def _fetch_into(url: str, part: Path, progress: bool, timeout: float) -> int | N
     return total
 
 
-def _verify(path: Path, size: int | None, sha256: str | None):
-    """Size as announced, a readable checkpoint header, and the pinned sha256 if there is one."""
+def _verify(path: Path, size: int | None, sha256: str | None, check: bool):
+    """Size as announced, a readable checkpoint header (with `check`), and the pinned sha256 if there is one."""
     actual = path.stat().st_size
     if size is not None and actual != size:
         raise DownloadError(f"incomplete download ({actual} of {size} bytes)")
     try:
-        read_checkpoint(path)  # parses the header (and checks every tensor lies inside the file); data stays mapped
+        if check:
+            read_checkpoint(path)  # parses the header (and checks every tensor lies inside the file); data stays mapped
     except CheckpointError as e:
         raise DownloadError(f"downloaded file is not a valid checkpoint ({e})") from None
     if sha256:
@@ -431,7 +432,7 @@ def _verify(path: Path, size: int | None, sha256: str | None):
 
 
 def download(url: str, dest: str | os.PathLike, *, sha256: str = None, progress: bool = True, attempts: int = 3,
-             timeout: float = 30.0) -> Path:
+             timeout: float = 30.0, check: bool = True) -> Path:
     """Download `url` to `dest` through `dest.part`, resuming the part file after an interruption (here, on the
     next of `attempts`, or on the next call). The part is renamed to `dest` only once verified; a file that fails
     verification is deleted. Errors are DownloadError with a one-line message."""
@@ -457,7 +458,7 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str = None, progress:
         raise DownloadError(f"download of {url} stopped early ({part.stat().st_size} of {size} bytes kept in "
                             f"{part}); run again to resume")
     try:
-        _verify(part, size, sha256)
+        _verify(part, size, sha256, check)
     except DownloadError as e:
         part.unlink(missing_ok=True)
         raise DownloadError(f"{url}: {e}; the partial file was deleted, run again to re-download") from None
