@@ -15,6 +15,31 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cli import HelpFormatter
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--data", required=True, help="image folder, as train.py reads it")
+    p.add_argument("--out", required=True, help="folder for the four runs and the report")
+    p.add_argument("--resolution", type=int, default=64, help="image size")
+    p.add_argument("--kl-config", default="tiny-kl", help="KL first-stage preset")
+    p.add_argument("--vq-config", default="tiny-vq", help="VQ first-stage preset (same downsampling factor)")
+    p.add_argument("--ae-steps", type=int, default=1500, help="autoencoder training steps, each stage")
+    p.add_argument("--unet-steps", type=int, default=1500, help="U-Net training steps on each stage's latents")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size of every run")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share, the same split for every run")
+    p.add_argument("--seed", type=int, default=0, help="seed of every run")
+    p.add_argument("--eval-images", type=int, default=256, help="held-out images used for PSNR/SSIM")
+    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the U-Net runs' sample grids")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further flags for every run (those "
+                   "train_vae.py and train.py share)")
+    return p
+
+
+if __name__ == "__main__":
+    make_parser().parse_args()  # --help and usage errors answer at once
+
 import numpy as np
 import torch
 from PIL import Image
@@ -31,9 +56,9 @@ def run_train(script: str, argv: list[str]):
     subprocess.run([sys.executable, str(HERE / script), *argv], check=True)
 
 
-def last_value(log: Path, key: str) -> float:
+def last_value(log: Path, key: str) -> float | None:
     values = [rec[key] for rec in map(json.loads, log.read_text().splitlines()) if key in rec]
-    return values[-1] if values else float("nan")
+    return values[-1] if values else None
 
 
 @torch.no_grad()
@@ -80,41 +105,21 @@ def to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(((x.permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="image folder, as train.py reads it")
-    p.add_argument("--out", required=True, help="folder for the four runs and the report")
-    p.add_argument("--resolution", type=int, default=64, help="image size")
-    p.add_argument("--kl-config", default="tiny-kl", help="KL first-stage preset")
-    p.add_argument("--vq-config", default="tiny-vq", help="VQ first-stage preset (same downsampling factor)")
-    p.add_argument("--ae-steps", type=int, default=1500, help="autoencoder training steps, each stage")
-    p.add_argument("--unet-steps", type=int, default=1500, help="U-Net training steps on each stage's latents")
-    p.add_argument("--batch-size", type=int, default=8, help="batch size of every run")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share, the same split for every run")
-    p.add_argument("--seed", type=int, default=0, help="seed of every run")
-    p.add_argument("--eval-images", type=int, default=256, help="held-out images used for PSNR/SSIM")
-    p.add_argument("--sample-steps", type=int, default=25, help="DDIM steps of the U-Net runs' sample grids")
-    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further flags for every run (those "
-                   "train_vae.py and train.py share)")
-    args = p.parse_args(argv)
-    out = Path(args.out)
+def train_both(args, out: Path, images: torch.Tensor) -> tuple[dict, dict]:
+    """Each first stage, then a U-Net on its latents (runs already finished are kept), evaluated on `images`:
+    ({kind: report row}, {kind: reconstructions})."""
     common = ["--data", args.data, "--resolution", str(args.resolution), "--batch-size", str(args.batch_size),
               "--val-fraction", str(args.val_fraction), "--seed", str(args.seed), "--no-progress", *args.extra]
-
     rows, recons = {}, {}
-    items, _ = data.find_images(args.data)
-    _, val_items = data.split_items(items, args.val_fraction, args.seed)
-    val_items = val_items[:args.eval_images]
-    images = torch.stack([data.load_image(path, args.resolution) for path, _ in val_items])
     for kind, config in (("KL", args.kl_config), ("VQ", args.vq_config)):
         ae_dir, ldm_dir = out / f"{kind.lower()}-vae", out / f"{kind.lower()}-ldm"
         if not (ae_dir / "final.safetensors").exists():
-            run_train("train_vae.py", ["--config", config, "--steps", str(args.ae_steps),
-                       "--out", str(ae_dir), *common])
-        if not (ldm_dir / "final.safetensors").exists():
-            run_train("train.py", ["--config", "tiny", "--vae", str(ae_dir / "final.safetensors"),
-                       "--cache-latents", "--steps", str(args.unet_steps), "--sample-steps", str(args.sample_steps),
-                       "--out", str(ldm_dir), *common])
+            run_train("train_vae.py", ["--config", config, "--steps", str(args.ae_steps), "--out", str(ae_dir),
+                                       *common])
+        if not (ldm_dir / "final.safetensors").exists():  # validated at its last step, for the report
+            run_train("train.py", ["--config", "tiny", "--vae", str(ae_dir / "final.safetensors"), "--cache-latents",
+                                   "--steps", str(args.unet_steps), "--val-every", str(100 if args.unet_steps % 100 == 0 else args.unet_steps),
+                                   "--sample-steps", str(args.sample_steps), "--out", str(ldm_dir), *common])
         model = vae_lib.load_autoencoder(ae_dir / "final.safetensors").eval()
         result = evaluate(model, images)
         recons[kind] = result.pop("recon")
@@ -123,20 +128,34 @@ def main(argv=None):
                       params=sum(p.numel() for p in model.parameters()))
         rows[kind] = result
         print(kind, {k: v for k, v in result.items()})
+    return rows, recons
 
+
+def markdown_table(rows: dict, unet_steps: int) -> str:
     lines = [f"| | {' | '.join(rows)} |", "|---|" + "---|" * len(rows)]
     fields = [("preset", "config"), ("parameters", "params"), ("compression", "compression"),
               ("latent shape", "latent_shape"), ("held-out PSNR (dB)", "psnr"), ("held-out SSIM", "ssim"),
               ("latent std", "latent_std"), ("scale factor (1/std)", "scale_factor"),
               ("codebook codes used", "codebook_used"), ("codebook perplexity", "perplexity"),
-              (f"U-Net validation loss after {args.unet_steps} steps", "unet_val_loss")]
+              (f"U-Net validation loss after {unet_steps} steps", "unet_val_loss")]
     for label, key in fields:
         cells = []
         for r in rows.values():
-            v = r.get(key, "-")
-            cells.append(f"{v:,.4g}" if isinstance(v, float) else (f"{v:,}" if isinstance(v, int) else str(v)))
+            v = r.get(key)
+            cells.append("-" if v is None else f"{v:,.4g}" if isinstance(v, float) else
+                         f"{v:,}" if isinstance(v, int) else str(v))
         lines.append(f"| {label} | {' | '.join(cells)} |")
-    table = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
+    out = Path(args.out)
+    items, _ = data.find_images(args.data)
+    _, val_items = data.split_items(items, args.val_fraction, args.seed)
+    images = torch.stack([data.load_image(path, args.resolution) for path, _ in val_items[:args.eval_images]])
+    rows, recons = train_both(args, out, images)
+    table = markdown_table(rows, args.unet_steps)
     n = min(8, len(images))
     grid = Image.new("RGB", (n * args.resolution, 3 * args.resolution), "white")
     for i in range(n):
