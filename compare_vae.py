@@ -116,9 +116,10 @@ def train_both(args, out: Path, images: torch.Tensor) -> tuple[dict, dict]:
         if not (ae_dir / "final.safetensors").exists():
             run_train("train_vae.py", ["--config", config, "--steps", str(args.ae_steps), "--out", str(ae_dir),
                                        *common])
-        if not (ldm_dir / "final.safetensors").exists():  # validated at its last step, for the report
+        if not (ldm_dir / "final.safetensors").exists():
+            val_every = 100 if args.unet_steps % 100 == 0 else args.unet_steps  # a validation at the last step
             run_train("train.py", ["--config", "tiny", "--vae", str(ae_dir / "final.safetensors"), "--cache-latents",
-                                   "--steps", str(args.unet_steps), "--val-every", str(100 if args.unet_steps % 100 == 0 else args.unet_steps),
+                                   "--steps", str(args.unet_steps), "--val-every", str(val_every),
                                    "--sample-steps", str(args.sample_steps), "--out", str(ldm_dir), *common])
         model = vae_lib.load_autoencoder(ae_dir / "final.safetensors").eval()
         result = evaluate(model, images)
