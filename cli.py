@@ -1,8 +1,42 @@
 """What the command-line scripts share and must have before torch is imported (so that `--help` and usage errors
-answer at once): the help formatter and the flags of a training run. Standard library only."""
+answer at once): the help formatter, the flags of a training run, and how a script ends: bad input is one line on
+stderr and exit status 2, a failed write one line and status 1, Ctrl-C status 130; only a bug prints a traceback.
+Standard library only."""
 
 import argparse
 import os
+import sys
+
+
+class UserError(SystemExit):
+    """Bad input, or a setting that cannot work: `run` prints 'error: <message>' as one line and exits with 2. (A
+    SystemExit, so that code calling a script's main() directly stops just as the script would.)"""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).removeprefix("error: ").split()))
+
+
+def run(main, argv: list[str] = None, *, errors: tuple = (), interrupted: str = "interrupted",
+        out_of_memory: str = "") -> int:
+    """Call main(argv) and turn the ways it can fail into one line and an exit status: UserError and `errors` (the
+    modules' own input errors, e.g. checkpoint.CheckpointError) 2; OSError (disk full, read-only folder) 1; an
+    out-of-memory error 2 with the `out_of_memory` advice; KeyboardInterrupt 130 with the `interrupted` line."""
+    try:
+        return main(argv) or 0
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
+        return 130
+    except (UserError, *errors) as e:
+        message, status = str(e), 2
+    except OSError as e:
+        what = f"{e.strerror or type(e).__name__}" + (f": {e.filename}" if e.filename else "")
+        message, status = f"{what} ({e})" if not e.strerror else what, 1
+    except RuntimeError as e:
+        if not any(s in str(e).lower() for s in ("out of memory", "can't allocate memory")):
+            raise
+        message, status = f"out of memory ({str(e).splitlines()[0]}); {out_of_memory}", 2
+    print("error: " + " ".join(message.removeprefix("error: ").split()), file=sys.stderr)  # always one line
+    return status
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

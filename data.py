@@ -18,15 +18,18 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from cli import UserError
+
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def find_images(root: str | os.PathLike) -> tuple[list[tuple[Path, str]], bool]:
     """[(image path, caption)] from a metadata.jsonl (file_name, text) or a recursive scan with same-named .txt
-    captions, and whether any caption exists. Errors (no folder, no images) are one-line SystemExits."""
+    captions, and whether any caption exists. Errors (no folder, no images) are one-line UserErrors."""
     root = Path(root)
     if not root.is_dir():
-        raise SystemExit(f"error: --data {root}: no such folder")
+        what = "is a file; pass the folder that holds the images" if root.exists() else "no such folder"
+        raise UserError(f"--data {root}: {what}")
     meta = root / "metadata.jsonl"
     items = []
     if meta.exists():
@@ -36,13 +39,13 @@ def find_images(root: str | os.PathLike) -> tuple[list[tuple[Path, str]], bool]:
                     rec = json.loads(line)
                     items.append((root / rec["file_name"], rec.get("text")))
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise SystemExit(f"error: {meta}:{n}: expected {{\"file_name\": ..., \"text\": ...}} ({e})")
+                    raise UserError(f"{meta}:{n}: expected {{\"file_name\": ..., \"text\": ...}} ({e})")
     else:
         for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()):
             txt = path.with_suffix(".txt")
             items.append((path, txt.read_text(encoding="utf-8").strip() if txt.exists() else None))
     if not items:
-        raise SystemExit(f"error: --data {root}: no images found (looked for {', '.join(IMAGE_EXTS)} recursively, "
+        raise UserError(f"--data {root}: no images found (looked for {', '.join(IMAGE_EXTS)} recursively, "
                          "or a metadata.jsonl)")
     has_captions = any(c for _, c in items)
     return [(p, str(c or "")) for p, c in items], has_captions

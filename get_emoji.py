@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli import HelpFormatter
+from cli import HelpFormatter, UserError, run
 
 URL = "https://registry.npmjs.org/emoji-datasource-google/-/emoji-datasource-google-16.0.0.tgz"
 SHA256 = "fb5fd131b362aab7a55542d2a147a79708cce0a8b1c1bbacd470172708b5c438"
@@ -68,12 +68,12 @@ def caption(name: str, tones: str = "") -> str:
 
 def build_folder(tarball: Path, out: Path, skin_tones: bool = True, progress: bool = True) -> int:
     """Write OUT/<image>.png + .txt for every Google emoji in an emoji-datasource-google tarball; returns the count.
-    Errors (not such a tarball, a damaged member) are SystemExit with one line."""
+    Errors (not such a tarball, a damaged member) are one-line UserErrors."""
     try:
         with tarfile.open(tarball, "r:gz") as tar:
             members = {m.name: m for m in tar.getmembers() if m.isfile()}
             if "package/emoji.json" not in members:
-                raise SystemExit(f"error: {tarball}: no package/emoji.json; not an emoji-datasource-google tarball")
+                raise UserError(f"{tarball}: no package/emoji.json; not an emoji-datasource-google tarball")
             entries = json.loads(tar.extractfile(members["package/emoji.json"]).read())
             jobs = []  # (image file name, caption)
             for e in entries:
@@ -85,7 +85,7 @@ def build_folder(tarball: Path, out: Path, skin_tones: bool = True, progress: bo
             wanted = dict(jobs)
             missing = [image for image in wanted if f"package/img/google/64/{image}" not in members]
             if missing:
-                raise SystemExit(f"error: {tarball}: emoji.json names {missing[0]}, which the tarball lacks")
+                raise UserError(f"{tarball}: emoji.json names {missing[0]}, which the tarball lacks")
             out.mkdir(parents=True, exist_ok=True)
             with tqdm(total=len(wanted), desc="emoji", unit="img", disable=not progress) as bar:
                 for member in tar:  # in archive order: a .tgz is one gzip stream, read once
@@ -96,7 +96,7 @@ def build_folder(tarball: Path, out: Path, skin_tones: bool = True, progress: bo
                         (out / image).with_suffix(".txt").write_text(wanted[image] + "\n", encoding="utf-8")
                         bar.update(1)
     except (tarfile.TarError, EOFError, OSError, ValueError, KeyError) as e:
-        raise SystemExit(f"error: {tarball}: unreadable ({type(e).__name__}: {e}); delete it and run again") from None
+        raise UserError(f"{tarball}: unreadable ({type(e).__name__}: {e}); delete it and run again") from None
     (out / "LICENSE.txt").write_text(LICENSE.format(url=URL, sha256=SHA256))
     return len(wanted)
 
@@ -111,11 +111,11 @@ def main(argv: list[str] = None) -> int:
             try:
                 checkpoint.download(URL, tarball, sha256=SHA256, check=False)
             except checkpoint.DownloadError as e:
-                raise SystemExit(f"error: {e}; or download it by hand and pass --tarball FILE") from None
+                raise UserError(f"{e}; or download it by hand and pass --tarball FILE") from None
     n = build_folder(tarball, args.out, skin_tones=not args.no_skin_tones)
     print(f"wrote {n} captioned images to {args.out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

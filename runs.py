@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import checkpoint
 import data
+from cli import UserError
 
 # Settings that fix the data order and noise: changing them on --resume breaks exact continuation.
 ORDER_ARGS = ("data", "seed", "batch_size", "grad_accum", "resolution", "val_fraction", "random_crop", "flip")
@@ -157,14 +158,14 @@ class Run:
             self.state, path = resumed or load_latest_checkpoint(self.out)
             if self.state is None:
                 if args.data is None:
-                    raise SystemExit(f"error: no loadable checkpoint in {self.out} to resume; "
+                    raise UserError(f"no loadable checkpoint in {self.out} to resume; "
                                      "pass --data to start a run")
                 self.print(f"no loadable checkpoint in {self.out}; starting a new run")
             else:
                 args = self.merge_args(self.state["args"], args, explicit)
                 self.print(f"resuming from {path} (step {self.state['step']})")
         elif list_checkpoints(self.out):
-            raise SystemExit(f"error: {self.out} already holds checkpoints; pass --resume to continue that run or "
+            raise UserError(f"{self.out} already holds checkpoints; pass --resume to continue that run or "
                              "choose another --out")
         self.args = args
         items, self.has_captions = data.find_images(args.data)  # before building anything: a bad folder fails fast
@@ -173,7 +174,7 @@ class Run:
             self.print(f"skipped {len(bad)} unreadable image{'s' * (len(bad) > 1)}: "
                        + ", ".join(p.name for p in bad[:5]) + (", ..." if len(bad) > 5 else ""))
         if not self.items:
-            raise SystemExit(f"error: --data {args.data}: none of the {len(bad)} images could be read")
+            raise UserError(f"--data {args.data}: none of the {len(bad)} images could be read")
         self.start, self.bad_steps, self.stop_requested, self.stop = 1, 0, False, False
 
     def merge_args(self, saved: dict, given: argparse.Namespace, explicit: set[str]) -> argparse.Namespace:
@@ -200,7 +201,7 @@ class Run:
         """The held-out split, the step order, the total step count and the AMP settings (after the defaults)."""
         args = self.args
         if args.resolution % downsample_factor:
-            raise SystemExit(f"error: --resolution must be a multiple of {downsample_factor}")
+            raise UserError(f"--resolution must be a multiple of {downsample_factor}")
         if args.precision is None:
             args.precision = "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
         self.items, self.val_items = data.split_items(self.items, args.val_fraction, args.seed)
@@ -393,7 +394,7 @@ class Run:
             for step in range(self.start, self.total + 1):
                 yield step
                 if self.bad_steps >= self.args.max_bad_steps:  # the body saved the last good weights
-                    raise SystemExit(f"error: the loss was not finite for {self.bad_steps} steps in a row (step "
+                    raise UserError(f"the loss was not finite for {self.bad_steps} steps in a row (step "
                                      f"{step}); saved the last good weights. Lower --lr, or use --precision bf16/fp32")
                 if self.stop and step < self.total:
                     return self.print(f"stopped at step {step}; continue with --resume")

@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli import HelpFormatter
+from cli import HelpFormatter, UserError, run
 
 SAMPLER_NAMES = {"ddim": "DDIM"}  # our name -> the name in the parameters text
 
@@ -84,10 +84,6 @@ import vae as vae_lib
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class CliError(Exception):
-    """A problem with what the user asked for: printed as one line, exit code 2."""
-
-
 # -----------------------------------------------------------------------------------------------------------------
 # Generation settings <-> the A1111 `parameters` text
 
@@ -136,9 +132,9 @@ def parse_parameters(text: str) -> tuple[Job, dict]:
                   float(fields["CFG scale"]), float(fields.get("Eta", 0.0)), width, height,
                   float(fields["Denoising strength"]) if "Denoising strength" in fields else None, sampler)
     except (KeyError, ValueError) as e:
-        raise CliError(f"unreadable generation parameters ({type(e).__name__}: {e}) in: {last!r}") from None
+        raise UserError(f"unreadable generation parameters ({type(e).__name__}: {e}) in: {last!r}") from None
     if sampler is None:
-        raise CliError(f"sampler {fields.get('Sampler')!r} is not available; available: "
+        raise UserError(f"sampler {fields.get('Sampler')!r} is not available; available: "
                        + ", ".join(SAMPLER_NAMES.values()))
     return job, fields
 
@@ -153,12 +149,12 @@ def read_prompts(args) -> list[str]:
         try:
             lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
-            raise CliError(f"cannot read --prompts-file {args.prompts_file}: {getattr(e, 'strerror', None) or e}")
+            raise UserError(f"cannot read --prompts-file {args.prompts_file}: {getattr(e, 'strerror', None) or e}")
         prompts += [line.strip() for line in lines if line.strip()]
         if not prompts:
-            raise CliError(f"--prompts-file {args.prompts_file}: no prompts in it (one prompt per line)")
+            raise UserError(f"--prompts-file {args.prompts_file}: no prompts in it (one prompt per line)")
     if not prompts:
-        raise CliError("no prompt: give one, or --prompts-file FILE, or --replay IMAGE")
+        raise UserError("no prompt: give one, or --prompts-file FILE, or --replay IMAGE")
     return prompts
 
 
@@ -168,7 +164,7 @@ def read_image(path: Path, what: str) -> Image.Image:
             im.load()
             return im
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise CliError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+        raise UserError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def image_tensor(im: Image.Image, width: int, height: int) -> torch.Tensor:
@@ -212,13 +208,13 @@ def load(args) -> tuple[ldm.LatentDiffusion, dict]:
     """The model on the chosen device/dtype (+ the --vae swap) and its fields for the parameters text."""
     if args.device == "cuda" and not torch.cuda.is_available() or (
             args.device == "mps" and not torch.backends.mps.is_available()):
-        raise CliError(f"--device {args.device}: not available on this machine (use --device cpu)")
+        raise UserError(f"--device {args.device}: not available on this machine (use --device cpu)")
     device = ldm.pick_device(args.device)
     dtype = DTYPES.get(args.dtype) or ldm.default_dtype(device)
     try:
         path = args.ckpt or checkpoint.default_checkpoint()
     except checkpoint.DownloadError as e:
-        raise CliError(f"{e}; to use a checkpoint you already have, pass --ckpt PATH") from None
+        raise UserError(f"{e}; to use a checkpoint you already have, pass --ckpt PATH") from None
     model = ldm.load_model(path, device=device, dtype=dtype, prediction_type=args.prediction)
     info = {"Model hash": checkpoint.file_sha256(path, progress=path.is_file() and path.stat().st_size > 1 << 28)[:10]
                           if path.is_file() else None,
@@ -227,10 +223,10 @@ def load(args) -> tuple[ldm.LatentDiffusion, dict]:
         try:
             vae = vae_lib.load_autoencoder(args.vae, device=device, dtype=dtype)
         except (OSError, ValueError) as e:  # CheckpointError is a ValueError
-            raise CliError(f"--vae {args.vae}: {e}") from None
+            raise UserError(f"--vae {args.vae}: {e}") from None
         own, new = model.vae.state_dict(), vae.state_dict()
         if own.keys() != new.keys() or any(own[k].shape != new[k].shape for k in own):
-            raise CliError(f"--vae {args.vae}: its keys or shapes do not fit this model's autoencoder")
+            raise UserError(f"--vae {args.vae}: its keys or shapes do not fit this model's autoencoder")
         vae.scale_factor = model.scale_factor  # the U-Net was trained on latents at the checkpoint's scale
         model.vae = vae.eval().requires_grad_(False)
         info.update({"VAE hash": checkpoint.file_sha256(args.vae)[:10] if args.vae.is_file() else None,
@@ -245,7 +241,7 @@ def load(args) -> tuple[ldm.LatentDiffusion, dict]:
 def check_size(model: ldm.LatentDiffusion, width: int, height: int) -> tuple[int, int]:
     width, height, f = width or model.resolution, height or model.resolution, model.downsample_factor
     if width <= 0 or height <= 0 or width % f or height % f:
-        raise CliError(f"size {width}x{height}: width and height must be positive multiples of {f} (the VAE's "
+        raise UserError(f"size {width}x{height}: width and height must be positive multiples of {f} (the VAE's "
                        "downsampling factor)")
     return width, height
 
@@ -260,7 +256,7 @@ def generate(model: ldm.LatentDiffusion, jobs: list[Job], init: torch.Tensor = N
                           height=job.height, width=job.width, sampler=job.sampler, init_image=init,
                           strength=job.strength or 0.75, tile=tile, cuda_graph=cuda_graph)
     except ldm.NonFiniteError as e:
-        raise CliError(f"{e} (--dtype fp32 or bf16 may help)") from None
+        raise UserError(f"{e} (--dtype fp32 or bf16 may help)") from None
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -270,17 +266,17 @@ def generate(model: ldm.LatentDiffusion, jobs: list[Job], init: torch.Tensor = N
 def check_args(args):
     for name, low in (("steps", 1), ("n", 1), ("batch_size", 1)):
         if getattr(args, name) < low:
-            raise CliError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+            raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
     if args.steps > 1000:
-        raise CliError(f"--steps must be at most 1000 (the training schedule's length), got {args.steps}")
+        raise UserError(f"--steps must be at most 1000 (the training schedule's length), got {args.steps}")
     if args.tile is not None and args.tile < 8:
-        raise CliError(f"--tile must be at least 8 latent pixels (64 = 512 px is a good size), got {args.tile}")
+        raise UserError(f"--tile must be at least 8 latent pixels (64 = 512 px is a good size), got {args.tile}")
     if args.eta < 0:
-        raise CliError(f"--eta must be >= 0, got {args.eta}")
+        raise UserError(f"--eta must be >= 0, got {args.eta}")
     if args.init_image and not 0.0 < args.strength <= 1.0:
-        raise CliError(f"--strength must be in (0, 1], got {args.strength}")
+        raise UserError(f"--strength must be in (0, 1], got {args.strength}")
     if args.out.suffix and not args.out.is_dir() and args.out.suffix.lower() != ".png":
-        raise CliError(f"--out {args.out}: give a folder or a .png file (the parameters live in a PNG text chunk)")
+        raise UserError(f"--out {args.out}: give a folder or a .png file (the parameters live in a PNG text chunk)")
 
 
 def run_generate(args) -> int:
@@ -331,10 +327,10 @@ def run_replay(args) -> int:
     image = read_image(args.replay, "--replay image")
     text = getattr(image, "text", {}).get("parameters")
     if not text:
-        raise CliError(f"{args.replay}: no 'parameters' text chunk (not written by this script or the A1111 UI)")
+        raise UserError(f"{args.replay}: no 'parameters' text chunk (not written by this script or the A1111 UI)")
     job, fields = parse_parameters(text)
     if job.strength is not None and not args.init_image:
-        raise CliError(f"{args.replay} was made with img2img (Denoising strength {job.strength}); pass the same "
+        raise UserError(f"{args.replay} was made with img2img (Denoising strength {job.strength}); pass the same "
                        "--init-image")
     init_pil = read_image(args.init_image, "--init-image") if job.strength is not None else None
     model, info = load(args)
@@ -361,20 +357,9 @@ def run_replay(args) -> int:
 
 def main(argv: list[str] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return run_replay(args) if args.replay else run_generate(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except (CliError, checkpoint.CheckpointError) as e:
-        message = str(e)
-    except RuntimeError as e:
-        if not any(s in str(e).lower() for s in ("out of memory", "can't allocate memory")):
-            raise
-        message = (f"out of {args.device if args.device != 'auto' else 'device'} memory ({str(e).splitlines()[0]}); "
-                   "try --dtype fp16, --tile 64, a smaller --width/--height, or --batch-size 1")
-    print("error: " + " ".join(message.split()), file=sys.stderr)  # always one line
-    return 2
+    return run(lambda _: run_replay(args) if args.replay else run_generate(args),
+               errors=(checkpoint.CheckpointError,),
+               out_of_memory="try --dtype fp16, --tile 64, a smaller --width/--height, or --batch-size 1")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ DDP and signals: see runs.py.
 import argparse
 import sys
 
-from cli import HelpFormatter, add_run_flags, parse_run_args
+from cli import HelpFormatter, UserError, add_run_flags, parse_run_args, run
 
 # Defaults by model size ("tiny": CPU-sized, learns in a few dozen steps; "sd": SD 1.x/2.x-sized fine-tuning).
 DEFAULTS = {
@@ -74,6 +74,7 @@ import ldm
 import runs
 import unet as unet_lib
 import vae as vae_lib
+from checkpoint import CheckpointError
 
 # -----------------------------------------------------------------------------------------------------------------
 # Set-up: the model, what trains, the caches
@@ -134,11 +135,11 @@ class Training:
 def setup(args: argparse.Namespace, explicit: set[str] = frozenset()) -> Training:
     run = runs.Run(args, explicit)
     if run.state is not None and "unet" not in run.state:
-        raise SystemExit(f"error: {run.out} holds an autoencoder run; continue it with train_vae.py --out {run.out} "
+        raise UserError(f"{run.out} holds an autoencoder run; continue it with train_vae.py --out {run.out} "
                          "--resume")
     args = run.args
     if args.cache_latents and args.random_crop:
-        raise SystemExit("error: --random-crop needs the images at every step; drop it or --cache-latents")
+        raise UserError("--random-crop needs the images at every step; drop it or --cache-latents")
     model = build_model(args)
     kind = "tiny" if model.unet.cfg.model_channels < 320 else "sd"
     run.fill(dict(DEFAULTS[kind], lr=SCRATCH_SD_LR if kind == "sd" and not args.ckpt else DEFAULTS[kind]["lr"]))
@@ -362,12 +363,16 @@ def sample_grid(t: Training, step: int):
     """OUT/samples/step-N.png: the sample prompts with the EMA weights, image i seeded --seed + i."""
     model, args = t.model, t.args
     model.eval()
-    with ema_weights(t), t.run.autocast():
-        images = ldm.sample(model, t.prompts, steps=args.sample_steps, guidance_scale=args.sample_cfg, seed=args.seed,
-                            height=args.resolution, width=args.resolution, progress=False,
-                            cuda_graph=False)  # a kept graph would hold its activation memory while training
-    model.unet.train()
-    model.text_encoder.train(args.train_text_encoder)
+    try:
+        with ema_weights(t), t.run.autocast():
+            images = ldm.sample(model, t.prompts, steps=args.sample_steps, guidance_scale=args.sample_cfg,
+                                seed=args.seed, height=args.resolution, width=args.resolution, progress=False,
+                                cuda_graph=False)  # a kept graph would hold its activation memory while training
+    except ldm.NonFiniteError as e:
+        return t.run.print(f"warning: no sample grid at step {step}: {e}")
+    finally:
+        model.unet.train()
+        model.text_encoder.train(args.train_text_encoder)
     (t.run.out / "samples").mkdir(parents=True, exist_ok=True)
     ldm.image_grid(images).save(t.run.out / "samples" / f"step-{step:07d}.png")
 
@@ -408,4 +413,7 @@ def main(argv: list[str] = None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, errors=(CheckpointError,), out_of_memory="try a smaller --batch-size (with --grad-accum), "
+                 "--grad-checkpointing, --precision bf16 or --cache-latents",
+                 interrupted="interrupted: stopped without saving this step; the last checkpoint is intact "
+                             "(continue with --resume)"))

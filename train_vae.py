@@ -14,7 +14,7 @@ DDP and signals: see runs.py.
 import argparse
 import sys
 
-from cli import HelpFormatter, add_run_flags, parse_run_args
+from cli import HelpFormatter, UserError, add_run_flags, parse_run_args, run
 
 # The LDM first-stage configs: Adam(0.5, 0.9), no warm-up or clipping, and for SD-sized presets lr = 4.5e-6 * global
 # batch (base_learning_rate scaling). Tiny presets learn 64px images in minutes at 1e-3.
@@ -68,6 +68,7 @@ import ldm
 import losses
 import runs
 import vae as vae_lib
+from checkpoint import CheckpointError
 
 # -----------------------------------------------------------------------------------------------------------------
 # Set-up
@@ -129,7 +130,7 @@ def build_loss(run: runs.Run, model) -> nn.Module:
 def setup(args: argparse.Namespace, explicit: set[str] = frozenset()) -> Training:
     run = runs.Run(args, explicit)
     if run.state is not None and "autoencoder" not in run.state:
-        raise SystemExit(f"error: {run.out} holds a U-Net run; continue it with train.py --out {run.out} --resume")
+        raise UserError(f"{run.out} holds a U-Net run; continue it with train.py --out {run.out} --resume")
     args = run.args
     model = build_model(args)
     preset = losses.PRESETS["vq-f4" if model.cfg.is_vq else "kl-f8"]
@@ -338,4 +339,7 @@ def main(argv: list[str] = None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, errors=(CheckpointError,), out_of_memory="try a smaller --batch-size (with --grad-accum) "
+                 "or --precision bf16",
+                 interrupted="interrupted: stopped without saving this step; the last checkpoint is intact "
+                             "(continue with --resume)"))
