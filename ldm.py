@@ -18,13 +18,14 @@ import json
 import os
 import random
 import sys
+import textwrap
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import checkpoint
@@ -307,13 +308,22 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in (arr * 255).round().astype(np.uint8)]
 
 
-def image_grid(images: list[Image.Image], cols: int = 4) -> Image.Image:
-    """Images of one size, row by row, `cols` to a row, on white."""
+def image_grid(images: list[Image.Image], cols: int = 4, labels: list[str] = None) -> Image.Image:
+    """Images of one size, row by row, `cols` to a row, on white; `labels` (e.g. the prompts of a sample grid) are
+    written under their images, wrapped to the image's width."""
     cols = min(cols, len(images))
     w, h = images[0].size
-    grid = Image.new("RGB", (cols * w, -(-len(images) // cols) * h), "white")
+    font = ImageFont.load_default(size=10)
+    wrapped = [textwrap.wrap(label, max(1, int(w // font.getlength("n")))) or [""] for label in labels or []]
+    line_h = 12
+    strip = max((len(lines) for lines in wrapped), default=0) * line_h + (4 if wrapped else 0)
+    grid = Image.new("RGB", (cols * w, -(-len(images) // cols) * (h + strip)), "white")
+    draw = ImageDraw.Draw(grid)
     for i, im in enumerate(images):
-        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+        x, y = (i % cols) * w, (i // cols) * (h + strip)
+        grid.paste(im, (x, y))
+        for k, line in enumerate(wrapped[i] if i < len(wrapped) else []):
+            draw.text((x + 2, y + h + 2 + k * line_h), line, fill="black", font=font)
     return grid
 
 

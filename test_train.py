@@ -182,6 +182,18 @@ def test_overfit_one_batch(tmp_path, sharp_vae):
     assert first > 0.9 and last < 0.4 * first, (first, last)
 
 
+def test_a_u_net_on_an_untrained_autoencoder_is_warned_about(tmp_path, capsys, sharp_vae):
+    make_images(tmp_path / "d", 4)
+    argv = ["--data", str(tmp_path / "d"), "--steps", "1"] + FAST
+    train.setup(*cli.parse_run_args(train.make_parser, argv + ["--out", str(tmp_path / "a")]))
+    out = capsys.readouterr()
+    lines = [ln for ln in (out.out + out.err).splitlines() if "untrained autoencoder" in ln]
+    assert len(lines) == 1 and lines[0].startswith("warning:") and "train_vae.py" in lines[0]
+    train.setup(*cli.parse_run_args(train.make_parser, argv + ["--out", str(tmp_path / "b"), "--vae", sharp_vae]))
+    out = capsys.readouterr()
+    assert "untrained autoencoder" not in out.out + out.err
+
+
 def test_lr_schedule():
     assert [runs.lr_at(s, 1.0, 4, 10, "constant") for s in (1, 2, 4, 5, 10)] == [0.25, 0.5, 1.0, 1.0, 1.0]
     assert runs.lr_at(4, 1.0, 4, 10, "cosine") == 1.0 and runs.lr_at(10, 1.0, 4, 10, "cosine") == 0.0
@@ -313,7 +325,11 @@ def test_export_loads_and_samples(tmp_path):
     assert all(torch.equal(model.unet.state_dict()[k], v) for k, v in ck["ema"].items())  # EMA weights exported
     images = ldm.sample(model, ["a red square"], steps=2, seed=0, progress=False)
     assert images[0].size == (64, 64)  # the model's resolution (the tiny preset's)
-    assert (out / "loss.png").exists() and list((out / "samples").glob("step-*.png"))
+    assert (out / "loss.png").exists()
+    (grid,) = (out / "samples").glob("step-*.png")  # the final grid: the prompts under their images and in its text
+    prompts = json.loads(Image.open(grid).text["prompts"])  # four captions of the data, one per image
+    assert sorted(prompts) == sorted(c for _, c in data.find_images(tmp_path / "d")[0])
+    assert Image.open(grid).size[0] == 4 * 32 and Image.open(grid).size[1] > 32  # a label strip under the row
 
 
 def test_fine_tune_from_checkpoint_with_text_encoder_epochs_and_validation(tmp_path):

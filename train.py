@@ -67,6 +67,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 import torch.nn as nn
+from PIL import PngImagePlugin
 from tqdm import tqdm
 
 import data
@@ -145,6 +146,10 @@ def setup(args: argparse.Namespace, explicit: set[str] = frozenset()) -> Trainin
     run.fill(dict(DEFAULTS[kind], lr=SCRATCH_SD_LR if kind == "sd" and not args.ckpt else DEFAULTS[kind]["lr"]))
     args.resolution = args.resolution or model.resolution
     run.begin(model.downsample_factor)
+    if not args.ckpt and not args.vae:
+        run.print("warning: no --vae: the U-Net learns the latents of a randomly initialised, untrained autoencoder, "
+                  "which hold no picture, so its samples will stay noise. Train one first (python train_vae.py "
+                  "--data DIR --out runs/vae) and pass --vae runs/vae/final.safetensors")
     if not run.has_captions:
         run.print("no captions found (.txt or metadata.jsonl): training unconditionally with empty prompts")
     model.to(run.device)
@@ -360,7 +365,8 @@ def validate(t: Training) -> dict | None:
 
 @torch.no_grad()
 def sample_grid(t: Training, step: int):
-    """OUT/samples/step-N.png: the sample prompts with the EMA weights, image i seeded --seed + i."""
+    """OUT/samples/step-N.png: the sample prompts with the EMA weights, image i seeded --seed + i, each prompt written
+    under its image and all of them in the PNG's `prompts` text chunk."""
     model, args = t.model, t.args
     model.eval()
     try:
@@ -374,7 +380,11 @@ def sample_grid(t: Training, step: int):
         model.unet.train()
         model.text_encoder.train(args.train_text_encoder)
     (t.run.out / "samples").mkdir(parents=True, exist_ok=True)
-    ldm.image_grid(images).save(t.run.out / "samples" / f"step-{step:07d}.png")
+    info = PngImagePlugin.PngInfo()  # what the grid shows, for tools that read it
+    info.add_text("prompts", json.dumps(t.prompts))
+    info.add_text("parameters", f"Steps: {args.sample_steps}, Sampler: DDIM, CFG scale: {args.sample_cfg}, "
+                                f"Seed: {args.seed}, Size: {args.resolution}x{args.resolution}, Step: {step}")
+    ldm.image_grid(images, labels=t.prompts).save(t.run.out / "samples" / f"step-{step:07d}.png", pnginfo=info)
 
 
 # -----------------------------------------------------------------------------------------------------------------
