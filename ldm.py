@@ -347,6 +347,17 @@ def decode(model: LatentDiffusion, x: torch.Tensor, tile: int = None) -> torch.T
     return images
 
 
+def sampling_memory(model: LatentDiffusion, batch: int, height: int, width: int, tile: int = None) -> int:
+    """A rough estimate, in bytes, of what sampling one batch needs beyond the weights: the U-Net's CFG pass at the
+    latent size, and the VAE decode at the image size (or of one tile of it). The decode dominates: SD's VAE decoder
+    peaks near 4 KB per output pixel in float32 (measured on the CPU: about 8 x its 128 base channels x 4 bytes)."""
+    f, unet_el = model.downsample_factor, model.dtype.itemsize
+    vae_el = next(model.vae.parameters()).dtype.itemsize
+    unet = 2 * batch * (height // f) * (width // f) * model.unet.cfg.model_channels * 16 * unet_el
+    pixels = min(height, tile * f) * min(width, tile * f) if tile else height * width
+    return unet + batch * pixels * 8 * model.vae.cfg.ch * vae_el
+
+
 def _per_image(value, n: int, what: str) -> list:
     values = [value] * n if value is None or isinstance(value, (str, int)) else list(value)
     if len(values) != n:

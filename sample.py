@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", choices=sorted(SAMPLER_NAMES), default="ddim", help="sampler")
     p.add_argument("--seed", type=int, metavar="N", help="seed of the first image, image i uses seed + i "
                    "(default: random, printed)")
-    p.add_argument("--height", type=int, metavar="PX", help="image height, a multiple of 8 (default: the model's "
+    p.add_argument("--height", type=int, metavar="PX", help="image height, any multiple of 8 (default: the model's "
                    "resolution)")
-    p.add_argument("--width", type=int, metavar="PX", help="image width, a multiple of 8 (default: the model's "
+    p.add_argument("--width", type=int, metavar="PX", help="image width, any multiple of 8 (default: the model's "
                    "resolution)")
     p.add_argument("--n", type=int, default=1, help="images per prompt (more than one also writes a grid)")
     p.add_argument("--batch-size", type=int, default=1, metavar="N", help="images denoised together: faster on a "
@@ -238,11 +238,30 @@ def load(args) -> tuple[ldm.LatentDiffusion, dict]:
     return model, info
 
 
-def check_size(model: ldm.LatentDiffusion, width: int, height: int) -> tuple[int, int]:
-    width, height, f = width or model.resolution, height or model.resolution, model.downsample_factor
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for activations: the GPU's free memory, or the system's MemAvailable; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_size(model: ldm.LatentDiffusion, width: int, height: int, batch: int = 1, tile: int = None) -> tuple:
+    """(width, height): the model's resolution where not given; one line for a size that cannot work."""
+    width = model.resolution if width is None else width
+    height = model.resolution if height is None else height
+    f = model.downsample_factor
     if width <= 0 or height <= 0 or width % f or height % f:
         raise UserError(f"size {width}x{height}: width and height must be positive multiples of {f} (the VAE's "
-                       "downsampling factor)")
+                        "downsampling factor)")
+    need, free = ldm.sampling_memory(model, batch, height, width, tile), available_memory(model.device)
+    if free is not None and need > free:
+        raise UserError(f"size {width}x{height} (batch {batch}) needs about {need / 2 ** 30:.1f} GiB for sampling, "
+                        f"more than the {free / 2 ** 30:.1f} GiB free; decode in tiles (--tile 64), or make the "
+                        "image or the batch smaller")
     return width, height
 
 
@@ -284,7 +303,7 @@ def run_generate(args) -> int:
     prompts = read_prompts(args)
     init_pil = read_image(args.init_image, "--init-image") if args.init_image else None
     model, info = load(args)
-    width, height = check_size(model, args.width, args.height)
+    width, height = check_size(model, args.width, args.height, args.batch_size, args.tile)
     init = image_tensor(init_pil, width, height) if init_pil else None
     seed = args.seed if args.seed is not None else random.randrange(2 ** 32)
     print(f"seed {seed}" + (f" (images use {seed}..{seed + args.n - 1})" if args.n > 1 else ""), file=sys.stderr)
@@ -334,7 +353,7 @@ def run_replay(args) -> int:
                        "--init-image")
     init_pil = read_image(args.init_image, "--init-image") if job.strength is not None else None
     model, info = load(args)
-    check_size(model, job.width, job.height)
+    check_size(model, job.width, job.height, 1, args.tile)
     for key in ("Model hash", "VAE hash"):
         if fields.get(key) != info.get(key):
             print(f"warning: {key} {info.get(key)} differs from the image's {fields.get(key)}; pass the --ckpt/--vae "

@@ -306,6 +306,25 @@ def test_ctrl_c_keeps_written_images_and_exits_130(tmp_path, ckpt):
     assert all(Image.open(p).text["parameters"] for p in written)
 
 
+def test_any_multiple_of_the_vae_factor_is_a_size(tmp_path, ckpt, capsys, monkeypatch):
+    """Latents that do not halve evenly down the U-Net (36 px -> 9 -> 5) upsample to the skip connections' sizes
+    (exact against diffusers: test_unet.py); sizes that cannot work are one line, before any sampling."""
+    rc, out, _ = run_main(capsys, "a", "--ckpt", ckpt, "--steps", 1, "--height", 36, "--width", 44, "--out", tmp_path)
+    assert rc == 0 and Image.open(out.strip()).size == (44, 36)
+    for flags, expect in ((("--height", 0), "size 64x0"), (("--width", -8), "size -8x64"),
+                          (("--width", 30), "multiples of 4")):
+        rc, _, err = run_main(capsys, "a", "--ckpt", ckpt, "--steps", 1, *flags, "--out", tmp_path)
+        assert rc == 2 and expect in error_line(err)
+    monkeypatch.setattr(sample, "available_memory", lambda device: 2 ** 30)  # a 1 GiB machine
+    rc, _, err = run_main(capsys, "a", "--ckpt", ckpt, "--width", 8192, "--height", 1024, "--out", tmp_path)
+    line = error_line(err)
+    assert rc == 2 and "needs about" in line and "--tile 64" in line
+    before = set(tmp_path.iterdir())
+    rc, _, err = run_main(capsys, "a", "--ckpt", ckpt, "--steps", 1, "--width", 1024, "--height", 64, "--tile", 16,
+                          "--out", tmp_path)  # what fits when tiled
+    assert rc == 0 and len(set(tmp_path.iterdir()) - before) == 1
+
+
 def test_out_of_memory_is_one_line_advice(tmp_path, ckpt, capsys, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")

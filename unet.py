@@ -118,8 +118,9 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """2x nearest, or to `size`: the skip connection's (H, W) when an odd size was halved on the way down."""
+        return self.conv(F.interpolate(x, size=size, scale_factor=None if size else 2, mode="nearest"))
 
 
 class CrossAttention(nn.Module):
@@ -215,12 +216,14 @@ class TimestepEmbedSequential(nn.Sequential):
     """A Sequential that hands the time embedding to ResBlocks and the context to transformers."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
-                layers: slice = slice(None)) -> torch.Tensor:
+                layers: slice = slice(None), size: tuple[int, int] | None = None) -> torch.Tensor:
         for layer in list(self)[layers]:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
             else:
                 x = layer(x)
         return x
@@ -281,15 +284,15 @@ class UNetModel(nn.Module):
                                  zero_(nn.Conv2d(mc, cfg.out_channels, 3, padding=1)))  # [2] is the conv
 
     def _run(self, block: TimestepEmbedSequential, h: torch.Tensor, emb: torch.Tensor,
-             context: torch.Tensor | None) -> torch.Tensor:
+             context: torch.Tensor | None, size: tuple[int, int] | None = None) -> torch.Tensor:
         # Gradient checkpointing: recompute in backward, keep no activations. A lone conv (conv_in, Downsample) would
         # only run twice (its backward needs just its input, kept either way), and an Upsample's conv, the costliest
         # layer to recompute, stays outside at the price of keeping its 4x-sized input.
         if not (self.cfg.use_checkpoint and torch.is_grad_enabled() and isinstance(block[0], ResBlock)):
-            return block(h, emb, context)
+            return block(h, emb, context, size=size)
         up = isinstance(block[-1], Upsample)
         h = checkpoint(block, h, emb, context, slice(-1) if up else slice(None), use_reentrant=False)
-        return block[-1](h) if up else h
+        return block[-1](h, size) if up else h
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor | None) -> torch.Tensor:
         B, C, H, W = x.shape
@@ -303,7 +306,10 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self._run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            # where an odd size was halved on the way down (65 -> 33), an Upsample goes to the next skip's size
+            size = tuple(skips[-1].shape[-2:]) if skips else None
+            h = self._run(block, h, emb, context, None if size == (2 * h.shape[-2], 2 * h.shape[-1]) else size)
         return self.out(h)
 
 
