@@ -11,6 +11,7 @@
 A leaf: it imports torch, tqdm and the standard library, and no other module of this project.
 """
 
+import collections
 import contextlib
 import hashlib
 import http.client
@@ -177,7 +178,7 @@ _ALLOWED_GLOBALS = {
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("collections", "OrderedDict"): dict,
+    ("collections", "OrderedDict"): collections.OrderedDict,  # state dicts carry _metadata, set by BUILD
     ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "slice"): slice,
     ("torch", "Size"): torch.Size,
     **{("torch", name): dtype for name, dtype in _STORAGE_DTYPES.items()},
@@ -248,6 +249,25 @@ def read_pickle_checkpoint(path: str | os.PathLike):
             except Exception as e:  # truncated or garbled pickle stream
                 raise CheckpointError(f"{path}: corrupt checkpoint pickle ({type(e).__name__}: {e}); "
                                       "re-download the file") from None
+
+
+def run_file(folder: Path) -> Path | None:
+    """The weights of a training run folder (train.py, train_vae.py): its final.safetensors, else its newest
+    ckpt-<step>.pt; None when the folder holds neither."""
+    if (Path(folder) / "final.safetensors").is_file():
+        return Path(folder) / "final.safetensors"
+    found = [(int(p.stem[5:]), p) for p in Path(folder).glob("ckpt-*.pt") if p.stem[5:].isdigit()]
+    return max(found)[1] if found else None
+
+
+def read_training_checkpoint(path: str | os.PathLike) -> dict | None:
+    """The whole state a training script saved (a ckpt-<step>.pt: weights, EMA, settings...), read without running
+    code; None when the file is some other pickle (a public .ckpt, a bare state dict)."""
+    path = Path(path)
+    if path.suffix != ".pt" or not zipfile.is_zipfile(path):
+        return None
+    obj = read_pickle_checkpoint(path)
+    return obj if isinstance(obj, dict) and ("unet" in obj or "autoencoder" in obj) and "args" in obj else None
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

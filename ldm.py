@@ -540,6 +540,37 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] 
     return model, cfg
 
 
+def model_from_training_checkpoint(state: dict, path: Path, prediction_type: str = None,
+                                   weights: str = "ema") -> tuple[LatentDiffusion, dict]:
+    """A train.py ckpt-<step>.pt: its U-Net (the EMA weights by default), and the parts it did not train from where
+    the run took them: the checkpoint itself (from-scratch runs), its --vae file, or its --ckpt base model."""
+    if "unet" not in state:
+        raise CheckpointError(f"{path}: a train_vae.py checkpoint (an autoencoder); pass it as --vae, or load it with "
+                              "vae.load_autoencoder")
+    cfg = json.loads(state["model_config"])
+    cfg["prediction_type"] = prediction_type or cfg["prediction_type"]
+    with torch.device("meta"):
+        model = build_model(cfg)
+    checkpoint.load_strict(model.unet, state["ema"] if weights == "ema" and "ema" in state else state["unet"],
+                           f"{path} (U-Net)")
+    args = state["args"]
+    base = None
+    if "text_encoder" not in state or ("vae" not in state and not args.get("vae")):
+        if not args.get("ckpt") or not Path(args["ckpt"]).exists():
+            raise CheckpointError(f"{path}: its frozen parts come from the base model {args.get('ckpt')}, which is "
+                                  "not there; run from where training ran, or load its final.safetensors")
+        base = load_model(args["ckpt"], device="cpu", dtype=torch.float32)
+    if "text_encoder" in state:
+        checkpoint.load_strict(model.text_encoder, state["text_encoder"], f"{path} (text encoder)")
+    else:
+        model.text_encoder, model.tokenizer = base.text_encoder, base.tokenizer
+    if "vae" in state:
+        checkpoint.load_strict(model.vae, state["vae"], f"{path} (VAE)")
+    else:
+        model.vae = vae_lib.load_autoencoder(args["vae"], dtype=torch.float32) if args.get("vae") else base.vae
+    return model, cfg
+
+
 def _load_diffusers_folder(path: Path, prediction_type):
     """A diffusers pipeline folder: unet/, vae/, text_encoder/, tokenizer/ (+ scheduler/ for the prediction type)."""
     def part(name: str):
@@ -579,20 +610,25 @@ def _load_diffusers_folder(path: Path, prediction_type):
 
 def load_model(path: str | os.PathLike = None, *, device=None, dtype=None,
                prediction_type: str = None) -> LatentDiffusion:
-    """Load an SD 1.x/2.x single file (.safetensors/.ckpt), a diffusers folder, or a file save_model wrote.
+    """Load an SD 1.x/2.x single file (.safetensors/.ckpt), a diffusers folder, a file save_model wrote, or a train.py
+    run: its folder (final.safetensors, else the newest checkpoint) or one of its ckpt-<step>.pt (EMA weights).
     Weights are memory-mapped and assigned into modules built on the meta device: never two copies in memory.
     device: pick_device's choice by default; dtype: default_dtype(device). Without a path, the default weights
     (SD 1.5), downloaded into checkpoint.cache_dir() on first use."""
     path = Path(checkpoint.default_checkpoint() if path is None else path)
     if prediction_type not in (None, "eps", "v"):
         raise ValueError(f"prediction_type must be 'eps' or 'v', got {prediction_type!r}")
+    if path.is_dir() and checkpoint.run_file(path):  # a train.py run folder
+        path = checkpoint.run_file(path)
     if path.is_dir():
         model, cfg = _load_diffusers_folder(path, prediction_type)
-    elif path.exists():
+    elif not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder; pass the path of an SD checkpoint")
+    elif (state := checkpoint.read_training_checkpoint(path)) is not None:
+        model, cfg = model_from_training_checkpoint(state, path, prediction_type)
+    else:
         sd, metadata = checkpoint.read_checkpoint(path)
         model, cfg = model_from_state_dict(sd, metadata, path=path, prediction_type=prediction_type)
-    else:
-        raise CheckpointError(f"{path}: no such file or folder; pass the path of an SD checkpoint")
     device = pick_device(device, mps=False)
     _check_materialized(model)
     model.to(device=device, dtype=dtype or default_dtype(device))

@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", metavar="TEXT", help="negative prompt: what to steer away from")
     p.add_argument("--prompts-file", type=Path, metavar="FILE", help="UTF-8 text file, one prompt per line (blank "
                    "lines skipped); the model is loaded once")
-    p.add_argument("--ckpt", type=Path, metavar="PATH", help="SD 1.x/2.x .safetensors/.ckpt, diffusers folder or "
-                   "train.py export (default: SD 1.5 fp16, downloaded on first use)")
+    p.add_argument("--ckpt", type=Path, metavar="PATH", help="SD 1.x/2.x .safetensors/.ckpt, diffusers folder, or "
+                   "a train.py run: its folder or a ckpt-<step>.pt (default: SD 1.5 fp16, downloaded on first use)")
     p.add_argument("--vae", type=Path, metavar="PATH", help="standalone VAE to use instead of the checkpoint's "
                    "(e.g. vae-ft-mse)")
     p.add_argument("--prediction", choices=["eps", "v"], help="U-Net prediction type (default: from the file; "
@@ -215,6 +215,7 @@ def load(args) -> tuple[ldm.LatentDiffusion, dict]:
         path = args.ckpt or checkpoint.default_checkpoint()
     except checkpoint.DownloadError as e:
         raise UserError(f"{e}; to use a checkpoint you already have, pass --ckpt PATH") from None
+    path = checkpoint.run_file(path) if path.is_dir() and checkpoint.run_file(path) else path  # a train.py run folder
     model = ldm.load_model(path, device=device, dtype=dtype, prediction_type=args.prediction)
     info = {"Model hash": checkpoint.file_sha256(path, progress=path.is_file() and path.stat().st_size > 1 << 28)[:10]
                           if path.is_file() else None,

@@ -22,6 +22,7 @@ import data
 import ldm
 import losses as losses_lib
 import runs
+import sample
 import train
 import train_vae
 import vae as vae_lib
@@ -325,6 +326,11 @@ def test_export_loads_and_samples(tmp_path):
     assert all(torch.equal(model.unet.state_dict()[k], v) for k, v in ck["ema"].items())  # EMA weights exported
     images = ldm.sample(model, ["a red square"], steps=2, seed=0, progress=False)
     assert images[0].size == (64, 64)  # the model's resolution (the tiny preset's)
+    for other in (out, runs.list_checkpoints(out)[0]):  # the run folder, the checkpoint: the same weights
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in ldm.load_model(other).state_dict().items())
+    assert sample.main(["a red square", "--ckpt", str(out), "--steps", "1", "--out", str(tmp_path / "s")]) == 0
+    (out / "final.safetensors").unlink()  # a run folder without its export: the newest checkpoint
+    assert all(torch.equal(model.unet.state_dict()[k], v) for k, v in ldm.load_model(out).unet.state_dict().items())
     assert (out / "loss.png").exists()
     (grid,) = (out / "samples").glob("step-*.png")  # the final grid: the prompts under their images and in its text
     prompts = json.loads(Image.open(grid).text["prompts"])  # four captions of the data, one per image
@@ -351,6 +357,14 @@ def test_fine_tune_from_checkpoint_with_text_encoder_epochs_and_validation(tmp_p
     assert all(torch.equal(base.vae.state_dict()[k], v) for k, v in tuned.vae.state_dict().items())  # frozen
     ck = torch.load(runs.list_checkpoints(out)[0], weights_only=True)
     assert "text_encoder" in ck and "vae" not in ck  # the VAE reloads from --ckpt on resume
+    # the checkpoint itself loads: its EMA U-Net and trained text encoder, the frozen VAE from the base file
+    from_ckpt = ldm.load_model(runs.list_checkpoints(out)[0], device="cpu")
+    assert all(torch.equal(from_ckpt.unet.state_dict()[k], v) for k, v in ck["ema"].items())
+    assert all(torch.equal(from_ckpt.text_encoder.state_dict()[k], v) for k, v in ck["text_encoder"].items())
+    assert all(torch.equal(base.vae.state_dict()[k], v) for k, v in from_ckpt.vae.state_dict().items())
+    (tmp_path / "base.safetensors").rename(tmp_path / "moved.safetensors")
+    with pytest.raises(checkpoint.CheckpointError, match="base model .*base.safetensors, which is not there"):
+        ldm.load_model(runs.list_checkpoints(out)[0], device="cpu")
 
 
 def test_export_keys_are_the_public_sd1_layout():
@@ -421,6 +435,11 @@ def test_autoencoder_overfits_and_the_discriminator_starts_at_disc_start(tmp_pat
     assert all(r["d_weight"] == 0 and r["disc_factor"] == 0 and "disc_loss" not in r for r in log[:100])
     assert all(r["d_weight"] > 0 and r["disc_factor"] == 1 and "disc_loss" in r for r in log[100:])
     model = vae_lib.load_autoencoder(out / "final.safetensors")
+    ck = vae_lib.load_autoencoder(runs.list_checkpoints(out)[0])  # the run's checkpoint and folder load too
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ck.state_dict().items())
+    assert vae_lib.load_autoencoder(out).scale_factor == model.scale_factor != 1.0  # the folder: final.safetensors
+    with pytest.raises(checkpoint.CheckpointError, match=r"an autoencoder\); pass it as --vae"):
+        ldm.load_model(runs.list_checkpoints(out)[0])
     x = torch.stack([data.load_image(p, 32) for p, _ in data.find_images(tmp_path / "d")[0]])
     with torch.no_grad():
         first = vae_lib.build_autoencoder(vae_lib.PRESETS["tiny-kl"])

@@ -566,10 +566,19 @@ def config_from_diffusers(config: dict) -> AutoencoderConfig:
 
 def load_autoencoder(path: str | os.PathLike, *, device: torch.device | str | None = None,
                      dtype: torch.dtype | None = None) -> AutoencoderKL | VQModel:
-    """Load a standalone VAE file (.safetensors/.ckpt), the first stage of an LDM/SD checkpoint, or a diffusers
-    `vae/` folder. A file train_vae.py wrote carries its exact config and latent scale factor in its metadata."""
+    """Load a standalone VAE file (.safetensors/.ckpt), the first stage of an LDM/SD checkpoint, a diffusers `vae/`
+    folder, or a train_vae.py run (its folder, or one of its ckpt-<step>.pt). A final.safetensors that train_vae.py
+    wrote carries its exact config and latent scale factor in its metadata."""
     path = Path(path)
     cfg = None
+    if path.is_dir() and checkpoint.run_file(path):  # a train_vae.py run folder
+        path = checkpoint.run_file(path)
+    if (state := checkpoint.read_training_checkpoint(path)) is not None:  # a train_vae.py ckpt-<step>.pt
+        if "autoencoder" not in state:
+            raise checkpoint.CheckpointError(f"{path}: a train.py checkpoint (a U-Net run), not an autoencoder's")
+        fields = json.loads(state["vae_config"])
+        cfg = AutoencoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        return autoencoder_from_state_dict(state["autoencoder"], cfg, what=str(path)).to(device=device, dtype=dtype)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise checkpoint.CheckpointError(f"{path}: a folder without config.json; pass a VAE file or a diffusers "
