@@ -5,28 +5,31 @@ peak memory, checkpoint load time and peak RAM.
     python bench.py --device cuda             # SD 1.5 shapes: 512x512, 50 DDIM steps, CFG 7.5, fp16; training bf16
     python bench.py --device cuda --compile   # adds torch.compile rows (minutes of compile time)
     python bench.py --device cpu              # small sizes that finish in minutes on 2 cores, fp32
-    python bench.py --only sample unet        # a subset of: load sample unet vae train
+    python bench.py --only sample unet        # a subset of: sample unet vae train load
 
-Weights are random with the public SD 1.5 layout, written once from fixtures/manifests into --workdir, so nothing
-is downloaded. diffusers (optional, requirements-dev.txt) runs on the very same weights, converted by its own
+Weights are random with the public SD 1.5 layout (the keys ldm.save_model writes), written once into --workdir, so
+nothing is downloaded. diffusers (optional, requirements-dev.txt) runs on the very same weights, converted by its own
 single-file converters, so the two outputs are compared too. Without diffusers only this project's column is
 printed.
 """
 
 import argparse
+import contextlib
 import gc
 import importlib.util
-import json
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import checkpoint
+import cli
 import ldm
 
 HERE = Path(__file__).resolve().parent
@@ -132,42 +135,115 @@ def fmt(v) -> str:
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
 
 
-def make_random_checkpoint(path: Path, manifest: str = "sd15", dtype: torch.dtype = None):
-    """A single-file checkpoint with the public key layout and random values (written once, then reused)."""
+def make_random_checkpoint(path: Path, dtype: torch.dtype = torch.float32):
+    """A single-file SD 1.5 checkpoint with random values, in the public key layout (ldm.save_model's keys, which
+    are the released file's; written once, then reused)."""
     if path.exists():
         return
-    spec = json.loads((HERE / "fixtures" / "manifests" / f"{manifest}.json").read_text())
+    with torch.device("meta"):
+        layout = ldm.build_model("sd1").checkpoint_state_dict()  # meta tensors, plus the real schedule buffers
     g = torch.Generator().manual_seed(0)
     tensors = {}
-    for key, (shape, dt) in spec.items():
-        dt = getattr(torch, dt)
-        if dt.is_floating_point:
-            t = torch.randn(shape, generator=g) * 0.02
+    for key, ref in layout.items():
+        if not ref.is_meta:  # the DDPM schedule: the real values
+            tensors[key] = ref.to(dtype)
+        elif ref.dtype.is_floating_point:
+            t = torch.randn(ref.shape, generator=g) * 0.02
             if key.endswith("norm.weight") or ".norm" in key and key.endswith("weight"):
                 t = t + 1  # norms near identity keep activations in range through 16 levels of random layers
-            tensors[key] = t.to(dtype or dt)
+            tensors[key] = t.to(dtype)
         else:
-            tensors[key] = torch.arange(max(1, int(torch.tensor(shape).prod())), dtype=dt).reshape(shape)
+            tensors[key] = torch.arange(ref.numel(), dtype=ref.dtype).reshape(ref.shape)
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    ldm.save_safetensors(path, tensors, {"format": "pt"})
+    checkpoint.save_safetensors(path, tensors, {"format": "pt"})
     print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.time() - t0:.0f} s", flush=True)
 
 
-def gen_ldm():
-    """fixtures/gen_ldm.py: the diffusers configs and converters the parity fixtures use."""
-    spec = importlib.util.spec_from_file_location("gen_ldm", HERE / "fixtures" / "gen_ldm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# ----------------------------------------------------------------------------------------------------------------
+# the diffusers twin: the same weights in diffusers' own classes, converted by diffusers' own single-file converters
+
+
+def diffusers_configs(model: ldm.LatentDiffusion) -> tuple[dict, dict, dict]:
+    """(original-style yaml, diffusers U-Net config, diffusers VAE config) for our model's architecture, as
+    diffusers derives them from an original checkpoint and its yaml. Needs diffusers."""
+    from diffusers.loaders.single_file_utils import (create_unet_diffusers_config_from_ldm,
+                                                     create_vae_diffusers_config_from_ldm)
+    ckpt = model.checkpoint_state_dict()
+    unet_params = {k: v for k, v in asdict(model.unet.cfg).items() if v != -1}
+    unet_params.update(use_spatial_transformer=True, legacy=False)
+    vae_cfg = model.vae.cfg
+    ddconfig = {k: getattr(vae_cfg, k) for k in ("double_z", "z_channels", "resolution", "in_channels", "out_ch",
+                                                  "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout")}
+    yaml = {"model": {"params": {"unet_config": {"params": unet_params},
+                                 "first_stage_config": {"params": {"embed_dim": vae_cfg.embed_dim,
+                                                                   "ddconfig": ddconfig}}}}}
+    size = model.resolution
+    with warnings.catch_warnings():  # diffusers deprecates image_size for from_single_file, not for these helpers
+        warnings.simplefilter("ignore", FutureWarning)
+        unet_config = create_unet_diffusers_config_from_ldm(yaml, ckpt, image_size=size)
+        vae_config = create_vae_diffusers_config_from_ldm(yaml, ckpt, image_size=size,
+                                                          scaling_factor=model.scale_factor)
+    if unet_config["attention_head_dim"] is None:  # fixed head width with conv projections: heads per level
+        c = model.unet.cfg
+        unet_config["attention_head_dim"] = [c.model_channels * m // c.num_head_channels for m in c.channel_mult]
+    return yaml, unet_config, vae_config
+
+
+def diffusers_pipeline(model: ldm.LatentDiffusion, prediction_type: str = None, assign: bool = False):
+    """(pipeline, layout): a diffusers StableDiffusionPipeline (DDIMScheduler in the SD settings) holding the same
+    weights as our SD 1.x-layout `model`, via diffusers' single-file converters, and the layout: the diffusers
+    configs plus which of our single-file keys each diffusers tensor comes from. assign=True: the U-Net and VAE
+    are built on the meta device and take our tensors themselves (no second copy). Needs diffusers and
+    transformers."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    ckpt = model.checkpoint_state_dict()
+    _, unet_config, vae_config = diffusers_configs(model)
+    build = torch.device("meta") if assign else contextlib.nullcontext()
+    unet_sd = convert_ldm_unet_checkpoint(ckpt, unet_config)
+    with build:
+        unet = UNet2DConditionModel(**unet_config).eval()
+    unet.load_state_dict(unet_sd, strict=True, assign=assign)
+    vae_sd = convert_ldm_vae_checkpoint(ckpt, vae_config)
+    with build:
+        vae = AutoencoderKL(**vae_config).eval()
+    vae.load_state_dict(vae_sd, strict=True, assign=assign)
+    tc = model.text_encoder.cfg
+    text_config = CLIPTextConfig(vocab_size=tc.vocab_size, hidden_size=tc.width, intermediate_size=4 * tc.width,
+                                 num_hidden_layers=tc.layers, num_attention_heads=tc.heads,
+                                 max_position_embeddings=tc.context_length, hidden_act=tc.act)
+    text = CLIPTextModel(text_config).eval()
+    prefix = ldm.PREFIXES["clip"]
+    text_sd = {k[len(prefix):]: v for k, v in ckpt.items() if k.startswith(prefix)}
+    missing, unexpected = text.load_state_dict(text_sd, strict=False)
+    assert not missing and all(k.endswith("position_ids") for k in unexpected), (missing, unexpected)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1,
+                              prediction_type={"eps": "epsilon", "v": "v_prediction"}[
+                                  prediction_type or model.prediction_type])
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    source = {v.untyped_storage().data_ptr(): k for k, v in ckpt.items()}  # reshapes keep the storage
+    def public(config) -> dict:  # without diffusers' "_" bookkeeping keys (unordered sets, different every run)
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
+    layout = {"unet_config": public(unet.config), "vae_config": public(vae.config),
+              "text_config": text_config.to_dict(),
+              "unet": {k: source[v.untyped_storage().data_ptr()] for k, v in unet_sd.items()},
+              "vae": {k: source[v.untyped_storage().data_ptr()] for k, v in vae_sd.items()},
+              "text_encoder": {k: prefix + k for k in text.state_dict()}}
+    return pipe, layout
 
 
 def diffusers_twin(model: ldm.LatentDiffusion):
-    """diffusers' StableDiffusionPipeline holding this model's weights (U-Net and VAE share our tensors), converted by
-    diffusers' own single-file converters; None when diffusers is not installed."""
+    """diffusers' StableDiffusionPipeline holding this model's weights (U-Net and VAE share our tensors), on the
+    model's device; None when diffusers is not installed."""
     if importlib.util.find_spec("diffusers") is None:
         return None
-    pipe, _ = gen_ldm().diffusers_pipeline(model, model.prediction_type, assign=True)  # no second copy of the weights
+    pipe, _ = diffusers_pipeline(model, assign=True)  # no second copy of the weights
     pipe.text_encoder.to(model.device, model.dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -237,7 +313,7 @@ def bench_sample(args, S: Settings, table: Table, device: torch.device):
         for batch in S.batches:
             for name, graph in variants.items():
                 measure(f"ldm {name}", batch, lambda: ours(batch, graph))
-            model.__dict__.pop("_ddim_graphs", None)  # frees the graphs' memory pool before the next run
+            model.__dict__.pop("_step_graphs", None)  # frees the graphs' memory pool before the next run
         if args.compile and cuda:  # the fast path: NHWC U-Net, compiled, replayed as a CUDA graph
             model.unet.to(memory_format=torch.channels_last)
             model.unet.compile(dynamic=False)
@@ -246,7 +322,7 @@ def bench_sample(args, S: Settings, table: Table, device: torch.device):
                 ours(batch, True)
                 print(f"  compile for batch {batch} (first call): {time.time() - start:.0f} s", flush=True)
                 measure("ldm NHWC + compile + CUDA graph", batch, lambda: ours(batch, True))
-                model.__dict__.pop("_ddim_graphs", None)
+                model.__dict__.pop("_step_graphs", None)
         image = ours(1, False)
 
         pipe = diffusers_twin(model)
@@ -257,7 +333,8 @@ def bench_sample(args, S: Settings, table: Table, device: torch.device):
                     pe, ne = pipe.text_encoder(tokens.to(device))[0], pipe.text_encoder(empty.to(device))[0]
                     return pipe(prompt_embeds=pe, negative_prompt_embeds=ne, height=size, width=size,
                                 num_inference_steps=S.steps, guidance_scale=7.5,
-                                generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
+                                generator=[torch.Generator("cpu").manual_seed(i) for i in range(batch)],
+                                output_type="pt").images  # image i from seed 0 + i, as ldm.sample(seed=0)
 
             resident = nbytes(model.text_encoder) / 2 ** 30 if cuda else 0.0  # ours stays on the GPU meanwhile
             for batch in S.batches:
@@ -278,7 +355,7 @@ def bench_sample(args, S: Settings, table: Table, device: torch.device):
 
 
 def bench_unet(args, S: Settings, table: Table, device: torch.device):
-    """One U-Net forward at batch 2 (the CFG pair), SD 1.5 shapes; VAE decode of one latent; tiled decode memory."""
+    """One U-Net forward at batch 2 (the CFG pair), SD 1.5 shapes."""
     model = build_model(args, S, device, "sd1")
     h = S.unet_size // 8
     g = torch.Generator().manual_seed(0)
@@ -302,18 +379,14 @@ def bench_unet(args, S: Settings, table: Table, device: torch.device):
         return out
 
     ours = forward_times(lambda x, t, c: model.unet(x, t, c))
-    z = torch.randn(1, 4, h, h, generator=g).to(device, S.dtype) * 5
     pipe = diffusers_twin(model)
-    with torch.no_grad():  # timed beside diffusers' decode, so both see the same machine state
-        decode_ours = timed(lambda: model.decode_latents(z), device, repeat=repeat)
-    theirs, decode_theirs = {}, None
+    theirs = {}
     if pipe is not None:
         unet = pipe.unet
         fwd = lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample  # noqa: E731
         with torch.no_grad():
             diff = (fwd(x, t, context).float() - model.unet(x, t, context).float()).abs().max().item()
             print(f"  same weights and inputs: U-Net max abs difference {diff:.2e}")
-            decode_theirs = timed(lambda: pipe.vae.decode(z / model.scale_factor).sample, device, repeat=repeat)
         theirs = forward_times(fwd, "diffusers ")
         theirs = {k.split(" ", 1)[1]: v for k, v in theirs.items()}
         pipe = unet = fwd = None
@@ -334,9 +407,30 @@ def bench_unet(args, S: Settings, table: Table, device: torch.device):
         table.add(f"U-Net fwd batch 2, {h}x{h} latents, {kind}: ms", sec * 1e3, ref and ref * 1e3, "ms")
         table.add(f"U-Net fwd {kind}: TFLOP/s", gflop / sec / 1e3, ref and gflop / ref / 1e3, "TFLOP/s",
                   lower_is_better=False)
+    model = None
+    reset_peak(device)
+
+
+def bench_vae(args, S: Settings, table: Table, device: torch.device):
+    """The SD 1.5 VAE: decode of one latent, ours beside diffusers' on the same weights; on CUDA, the peak memory of
+    a large decode tiled vs untiled."""
+    model = build_model(args, S, device, "sd1")
+    h = S.unet_size // 8
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 4, h, h, generator=g).to(device, S.dtype) * 5
+    repeat = 20 if device.type == "cuda" else 3
+    pipe = diffusers_twin(model)
+    with torch.no_grad():  # timed beside diffusers' decode, so both see the same machine state
+        decode_ours = timed(lambda: model.decode_latents(z), device, repeat=repeat)
+        decode_theirs = None
+        if pipe is not None:
+            diff = (model.decode_latents(z).float() - pipe.vae.decode(z / model.scale_factor).sample.float())
+            print(f"  same weights and latent: decoded image max abs difference {diff.abs().max().item():.2e}")
+            decode_theirs = timed(lambda: pipe.vae.decode(z / model.scale_factor).sample, device, repeat=repeat)
+    pipe = None
+    reset_peak(device)
     table.add(f"VAE decode 1 x {h}x{h} latent -> {S.unet_size}px: ms", decode_ours * 1e3,
               decode_theirs and decode_theirs * 1e3, "ms")
-
     if device.type == "cuda":  # the CPU's peak RSS cannot be reset within a process
         tiled_rows(model, S, table, device, g)
     model = None
@@ -370,7 +464,7 @@ def bench_train(args, S: Settings, table: Table, device: torch.device):
     unet_cfg, f = model.unet.cfg, model.downsample_factor
     h = S.train_size // f
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(S.train_precision)
-    alphas_cumprod = torch.cumprod(1 - ldm.make_schedule(), 0).float()
+    model.alphas_cumprod = model.alphas_cumprod.to(device)  # the schedule is real even in a meta-built model
 
     def run(unet, fwd, checkpointing: bool, channels_last: bool = False, steps: int = 10) -> tuple[float, float]:
         reset_peak(device)
@@ -383,15 +477,12 @@ def bench_train(args, S: Settings, table: Table, device: torch.device):
         params = [p for p in unet.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=device.type == "cuda")
         ema = [p.detach().clone() for p in params]
-        alphas = alphas_cumprod.to(device)
 
         def step():
             t = torch.randint(0, 1000, (B,), device=device)
             noise = torch.randn_like(z0)
-            a = alphas[t].view(-1, 1, 1, 1)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                pred = fwd(a.sqrt() * z0 + (1 - a).sqrt() * noise, t, context)
-                loss = (pred.float() - noise).pow(2).mean()
+                loss = ldm.diffusion_loss(model, fwd, z0, noise, t, context)  # train.py's loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -421,7 +512,7 @@ def bench_train(args, S: Settings, table: Table, device: torch.device):
         del unet
     if importlib.util.find_spec("diffusers") is not None:
         from diffusers import UNet2DConditionModel
-        config = gen_ldm().diffusers_unet_config(model)
+        config = diffusers_configs(model)[1]
         for ckpt in (False, True):
             torch.manual_seed(0)
             with torch.device(device):
@@ -466,11 +557,20 @@ def bench_train(args, S: Settings, table: Table, device: torch.device):
     print(f"  gradient checkpointing costs ldm {cost:.0%} of its throughput")
 
 
+# name -> benchmark, in the order they run (load last: it writes a 4 GB file first)
+BENCHMARKS = {"sample": bench_sample, "unet": bench_unet, "vae": bench_vae, "train": bench_train, "load": bench_load}
+DESCRIPTION = ("Benchmarks this project against diffusers at identical settings and on the very same random weights "
+               "(SD 1.5 layout, written once into --workdir; nothing is downloaded), and prints one table: seconds "
+               "per image, U-Net milliseconds per step and TFLOP/s, VAE decode time and tiled-decode memory, "
+               "training images/s and peak memory, checkpoint load time and peak RAM. Without diffusers installed "
+               "only this project's column is filled.")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=ldm.HelpFormatter)
+    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=cli.HelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--only", nargs="+", default=["load", "sample", "unet", "train"],
-                   choices=["load", "sample", "unet", "train"], help="which benchmarks to run (unet includes the VAE)")
+    p.add_argument("--only", nargs="+", choices=list(BENCHMARKS), metavar="NAME",
+                   help=f"run only these benchmarks, of: {', '.join(BENCHMARKS)} (default: all)")
     p.add_argument("--compile", action="store_true", help="add torch.compile rows (CUDA; minutes of compile time)")
     p.add_argument("--workdir", default=os.environ.get("LDM_BENCH_DIR", "/tmp/ldm-bench"),
                    help="where the random full-size checkpoints are written (6 GB)")
@@ -485,11 +585,10 @@ def main(argv=None):
         versions += f", diffusers {diffusers.__version__}"
     print(f"{name}; {versions}", flush=True)
     table = Table()
-    for what in ("sample", "unet", "train", "load"):  # load last: it writes a 4 GB file first
-        if what in args.only:
+    for what, bench in BENCHMARKS.items():
+        if what in (args.only or BENCHMARKS):
             print(f"[{what}]", flush=True)
-            {"load": bench_load, "sample": bench_sample, "unet": bench_unet, "train": bench_train}[what](
-                *((args, S, table) if what == "load" else (args, S, table, device)))
+            bench(*((args, S, table) if what == "load" else (args, S, table, device)))
     text = f"{name}; {versions}\n\n{table.markdown()}\n"
     print("\n" + text)
     if args.out:

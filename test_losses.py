@@ -1,51 +1,40 @@
 """Tests for losses.py: full-size `loss.*` layouts vs the LDM first-stage manifests, LPIPS loading from torchvision /
 lpips / LDM layouts against a hand-written VGG pass, GAN helpers on known values, the KL and VQ autoencoder losses
 end to end on tiny models, and psnr/ssim against hand-computed values."""
-import json
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-import ldm
+import checkpoint
 import losses
 import vae
+from testutil import manifest, random_weights
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 CONV_IDX = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)  # torchvision VGG16 `features` conv indices
 TAPS = (3, 8, 15, 22, 29)  # ReLU outputs LPIPS compares
 WIDTH = 8  # VGG channels 8, 16, 32, 64, 64 instead of 64 ... 512
 
 
 
-def loss_manifest(name: str) -> dict:
-    with open(os.path.join(HERE, "fixtures", "manifests", f"{name}.json")) as f:
-        d = json.load(f)
-    return {k[len("loss."):]: tuple(v[0]) for k, v in d.items() if k.startswith("loss.")}
-
-
 def vgg_state_dict(width: int = WIDTH, seed: int = 0) -> dict:
-    """torchvision-format VGG16 weights (features.N.*, plus a classifier entry loaders must skip)."""
-    g = torch.Generator().manual_seed(seed)
-    sd, c_in = {}, 3
+    """torchvision-format VGG16 weights (features.N.*, plus a classifier entry loaders must skip), random."""
+    shapes, c_in = {}, 3
     widths = [1, 1, 2, 2, 4, 4, 4, 8, 8, 8, 8, 8, 8]
     for idx, m in zip(CONV_IDX, widths):
-        c = m * width
-        sd[f"features.{idx}.weight"] = torch.randn(c, c_in, 3, 3, generator=g) / math.sqrt(9 * c_in)
-        sd[f"features.{idx}.bias"] = 0.05 * torch.randn(c, generator=g)
-        c_in = c
-    sd["classifier.0.weight"] = torch.randn(4, 4, generator=g)
-    return sd
+        shapes[f"features.{idx}.weight"], shapes[f"features.{idx}.bias"] = (m * width, c_in, 3, 3), (m * width,)
+        c_in = m * width
+    shapes["classifier.0.weight"] = (4, 4)
+    return random_weights(shapes, seed)
 
 
 def lin_state_dict(width: int = WIDTH, seed: int = 1) -> dict:
-    """The lpips package's vgg.pth layout: non-negative 1x1 weights."""
-    g = torch.Generator().manual_seed(seed)
+    """The lpips package's vgg.pth layout: 1x1 weights, non-negative (the magnitudes of random weights)."""
     mults = (1, 2, 4, 8, 8)
-    return {f"lin{k}.model.1.weight": torch.rand(1, m * width, 1, 1, generator=g) for k, m in enumerate(mults)}
+    shapes = {f"lin{k}.model.1.weight": (1, m * width, 1, 1) for k, m in enumerate(mults)}
+    return {k: v.abs() for k, v in random_weights(shapes, seed).items()}
 
 
 def reference_lpips(x: torch.Tensor, y: torch.Tensor, vgg: dict, lin: dict) -> torch.Tensor:
@@ -78,7 +67,7 @@ def reference_lpips(x: torch.Tensor, y: torch.Tensor, vgg: dict, lin: dict) -> t
 def lpips_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("lpips")
     torch.save(vgg_state_dict(), d / "vgg16.pth")
-    ldm.save_safetensors(d / "lin.safetensors", lin_state_dict())
+    checkpoint.save_safetensors(d / "lin.safetensors", lin_state_dict())
     return str(d / "vgg16.pth"), str(d / "lin.safetensors")
 
 
@@ -94,7 +83,7 @@ def test_full_size_loss_layout_matches_manifest(preset, name):
     with torch.device("meta"):
         m = losses.build_loss(preset)
     ours = {k: tuple(v.shape) for k, v in m.state_dict().items()}
-    ref = loss_manifest(name)
+    ref = manifest(name, prefix="loss.")
     assert list(ours) == list(ref)  # same keys in the same order
     assert ours == ref
     assert m.state_dict()["discriminator.main.3.num_batches_tracked"].dtype == torch.int64
@@ -129,7 +118,9 @@ def test_lpips_from_ldm_checkpoint_and_errors(tmp_path, lpips_files):
     p = losses.LPIPS.from_pretrained(tmp_path / "model.ckpt")
     x, y = images(seed=3), images(seed=4)
     torch.testing.assert_close(p(x, y), ref(x, y), rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"missing \['lin0\.model\.1\.weight'"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"^LPIPS weights does not fit the model; missing: "
+                                                         r"lin0\.model\.1\.weight, lin1\.model\.1\.weight, .*"
+                                                         r"lin4\.model\.1\.weight$"):
         losses.LPIPS.from_pretrained(lpips_files[0])  # VGG without the linear layers
     with pytest.raises(ValueError, match="no VGG16 weights"):
         losses.LPIPS.from_pretrained(lpips_files[1])

@@ -424,6 +424,7 @@ AE = ["--resolution", "32", "--batch-size", "4", "--num-workers", "0", "--no-pro
       "--sample-every", "0", "--val-fraction", "0", "--save-every", "1000"]
 
 
+@pytest.mark.slow  # ~12 s: 120 autoencoder steps
 def test_autoencoder_overfits_and_the_discriminator_starts_at_disc_start(tmp_path):
     """tiny-kl on 4 synthetic images: PSNR from ~6 dB to above 17 dB in 120 steps (measured 18.6); the GAN term and
     the discriminator's loss appear exactly from --disc-start on."""
@@ -568,6 +569,7 @@ def test_two_process_autoencoder_matches_single_process_gradient(tmp_path):
     assert vae_lib.load_autoencoder(tmp_path / "ddp" / "final.safetensors").cfg.n_embed == 64
 
 
+@pytest.mark.slow  # ~13 s: four training runs, each in its own process
 def test_compare_vae_report(tmp_path):
     """The KL-vs-VQ command runs its four stages and writes a complete report."""
     import compare_vae

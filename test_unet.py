@@ -1,89 +1,103 @@
-"""Tests for unet.py: full-size key layouts, timestep embedding and forward parity against diffusers goldens
-(fixtures/gen_unet.py), the diffusers-layout conversion, and gradient checkpointing."""
+"""Tests for unet.py: full-size key layouts, the timestep embedding against diffusers and a float64 evaluation,
+forward parity against diffusers goldens (fixtures/gen_unet.py), the diffusers-layout conversion, and gradient
+checkpointing."""
 import json
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
+import ldm
+from testutil import FIXTURES, UNET_NARROW, manifest_state_dict, randomize_
 from unet import (PRESETS, CrossAttention, UNetConfig, UNetModel, config_from_diffusers, convert_diffusers,
                   diffusers_prefixes, infer_config, timestep_embedding)
 
-FIXTURES = Path(__file__).parent / "fixtures"
-PREFIX = "model.diffusion_model."
-
-# Reduced width, real structure: 4 levels (1, 2, 4, 4), 2 ResBlocks each, attention at 4, 2, 1.
-SD1_NARROW = replace(PRESETS["sd1"], model_channels=32, context_dim=40)  # 8 heads of 4..16 channels, conv proj
-SD2_NARROW = replace(PRESETS["sd2"], model_channels=32, num_head_channels=8, context_dim=48)  # linear proj
-PARITY = {"sd1": SD1_NARROW, "sd2": SD2_NARROW}
+PREFIX = ldm.PREFIXES["unet"]
 
 
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Deterministic non-trivial weights (shared with fixtures/gen_unet.py): weights ~ N(0, 1/fan_in),
-    norm scales 1 + 0.1 N, biases 0.02 N, filled in sorted key order."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.state_dict().items()):
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("bias"):
-                p.copy_(0.02 * noise)
-            elif p.ndim == 1:  # GroupNorm / LayerNorm scale
-                p.copy_(1 + 0.1 * noise)
-            else:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-    return model
+def parity_tolerance(ref: torch.Tensor) -> dict:
+    """The U-Net goldens are diffusers' float32 outputs on a narrow SD1/SD2 structure. Our forward and diffusers'
+    (and the same code on another CPU, whose vector kernels sum in other orders) differ by float32 rounding
+    accumulated over ~100 layers: a few 1e-6 of the output's scale. 1e-4 of the largest output keeps 10x headroom
+    on any machine and still fails for any real mismatch (a wrong head split or norm moves outputs by O(1))."""
+    return dict(rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
-def manifest_unet(name: str) -> dict[str, list]:
-    manifest = json.loads((FIXTURES / "manifests" / name).read_text())
-    return {k[len(PREFIX):]: v for k, v in manifest.items() if k.startswith(PREFIX)}
-
-
-@pytest.mark.parametrize("preset,manifest", [("sd1", "sd15.json"), ("sd2", "sd21-768-v.json")])
+@pytest.mark.parametrize("preset,manifest", [("sd1", "sd15"), ("sd2", "sd21-768-v")])
 def test_full_size_layout_matches_checkpoint(preset, manifest):
-    ref = manifest_unet(manifest)
+    ref = manifest_state_dict(manifest, prefix=PREFIX)
     with torch.device("meta"):
         model = UNetModel(PRESETS[preset])
     sd = model.state_dict()
     assert set(sd) == set(ref)
-    for k, (shape, dtype) in ref.items():
-        assert list(sd[k].shape) == shape, k
-        assert str(sd[k].dtype) == f"torch.{dtype}", k
+    for k, t in ref.items():
+        assert sd[k].shape == t.shape, k
+        assert sd[k].dtype == t.dtype, k
     # hyper-parameters read back from the real file's shapes
-    shapes = {k: torch.empty(shape, device="meta") for k, (shape, _) in ref.items()}
-    assert infer_config(shapes) == PRESETS[preset]
+    assert infer_config(ref) == PRESETS[preset]
 
 
-def test_timestep_embedding_matches_diffusers():
-    ref = torch.load(FIXTURES / "unet_timestep.pt", weights_only=True)
+def embedding_float64(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
+    """The sinusoidal embedding of the original (and diffusers with flip_sin_to_cos=True, downscale_freq_shift=0),
+    evaluated in float64: [cos | sin] of t * max_period^(-i/half), one zero column for an odd dim."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
+    args = t.double()[:, None] * freqs[None]
+    return torch.nn.functional.pad(torch.cat([torch.cos(args), torch.sin(args)], -1), (0, dim % 2))
+
+
+def embedding_tolerance(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
+    """Per element, what a float32 evaluation may lose against the exact value. With u = 2^-24 (float32 unit
+    roundoff): the exponent x_i = -ln(P) i / half takes three roundings (ln P, the product, the division), an
+    absolute error of 3 u |x_i| that exp turns into a relative one; exp and the product t * f_i add ~2 u more. So
+    the argument t * f_i is off by up to (3 |x_i| + 3) u of itself, and cos and sin (slope <= 1) pass that on, plus
+    their own ~1 u. Arguments reach 999 (i = 0, t = 999), where one float32 ulp is 6.1e-5: two CPUs' float32
+    cos(999 f) may differ by ~1e-4, which no fixed atol near 1e-5 can cover, while small arguments stay at ~1e-7.
+    Doubled, since two float32 evaluations (ours and diffusers') may each be that far off in opposite directions
+    (measured here: at most 0.3 of it against float64). A real error (a frequency, the order of cos and sin, the
+    shift) moves elements by O(1)."""
+    half = dim // 2
+    x = math.log(max_period) * torch.arange(half, dtype=torch.float64) / half
+    args = t.double()[:, None] * torch.exp(-x)[None]
+    u = 2.0 ** -24
+    tol = 2 * ((3 * x + 3) * u * args.abs() + u)
+    return torch.nn.functional.pad(torch.cat([tol, tol], -1), (0, dim % 2), value=0.0)  # the pad column is exact
+
+
+def test_timestep_embedding_matches_diffusers_and_float64():
+    from diffusers.models.embeddings import get_timestep_embedding
+    t = torch.tensor([0.0, 1.0, 37.0, 250.5, 999.0])
     for dim in (320, 33):
-        out = timestep_embedding(ref["t"], dim)
-        assert out.dtype == torch.float32
-        torch.testing.assert_close(out, ref[f"emb{dim}"], rtol=1e-5, atol=1e-5)
+        out = timestep_embedding(t, dim)
+        assert out.dtype == torch.float32 and out.shape == (5, dim)
+        tol = embedding_tolerance(t, dim)
+        theirs = get_timestep_embedding(t, dim, flip_sin_to_cos=True, downscale_freq_shift=0)  # on this machine
+        assert ((out.double() - theirs.double()).abs() <= tol).all()
+        assert ((out.double() - embedding_float64(t, dim)).abs() <= tol).all()
     assert timestep_embedding(torch.tensor(0.0), 8)[0, :4].tolist() == [1.0] * 4  # cos first: cos(0) = 1
+    assert timestep_embedding(torch.tensor([5.0]), 7)[0, -1] == 0  # odd dim: one trailing zero
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2"])
 def test_forward_matches_diffusers(name):
     ref = torch.load(FIXTURES / f"unet_{name}.pt", weights_only=True)
-    model = randomize_(UNetModel(PARITY[name])).eval()
+    model = randomize_(UNetModel(UNET_NARROW[name])).eval()
     with torch.no_grad():
         out = model(ref["x"], ref["t"], ref["context"])
-    torch.testing.assert_close(out, ref["out"], rtol=1e-4, atol=1e-4 * ref["out"].abs().max().item())
+    torch.testing.assert_close(out, ref["out"], **parity_tolerance(ref["out"]))
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2"])
 def test_channels_last_weights_give_the_same_output(name):
     """sample.py and train.py --channels-last convert the weights to NHWC; the numbers must not change."""
     ref = torch.load(FIXTURES / f"unet_{name}.pt", weights_only=True)
-    model = randomize_(UNetModel(PARITY[name])).eval().to(memory_format=torch.channels_last)
+    model = randomize_(UNetModel(UNET_NARROW[name])).eval().to(memory_format=torch.channels_last)
     assert model.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         out = model(ref["x"], ref["t"], ref["context"])
-    torch.testing.assert_close(out, ref["out"], rtol=1e-4, atol=1e-4 * ref["out"].abs().max().item())
-    assert list(model.state_dict()) == list(randomize_(UNetModel(PARITY[name])).state_dict())
+    torch.testing.assert_close(out, ref["out"], **parity_tolerance(ref["out"]))
+    assert list(model.state_dict()) == list(randomize_(UNetModel(UNET_NARROW[name])).state_dict())
 
 
 def test_scalar_timestep_broadcasts():
@@ -96,7 +110,7 @@ def test_scalar_timestep_broadcasts():
 def test_convert_diffusers_inverts_reference_converter():
     # unet_diffusers_keys.json: {diffusers key: original key} as diffusers' own single-file converter maps them
     mapping = json.loads((FIXTURES / "unet_diffusers_keys.json").read_text())
-    for name, cfg in PARITY.items():
+    for name, cfg in UNET_NARROW.items():
         sd = randomize_(UNetModel(cfg)).state_dict()
         theirs = {d: sd[o] for d, o in mapping.items()}
         assert len(theirs) == len(sd)
@@ -124,7 +138,7 @@ def test_config_from_diffusers():
     assert config_from_diffusers(sd15) == PRESETS["sd1"]
     assert config_from_diffusers(sd21) == PRESETS["sd2"]
     fixture_cfgs = json.loads((FIXTURES / "unet_diffusers_configs.json").read_text())
-    for name, cfg in PARITY.items():
+    for name, cfg in UNET_NARROW.items():
         assert config_from_diffusers(fixture_cfgs[name]) == replace(cfg, image_size=fixture_cfgs[name]["sample_size"])
 
 
@@ -147,12 +161,22 @@ def test_gradient_checkpointing_same_output_and_grads():
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-5, atol=1e-6)
 
 
-def test_tiny_preset_is_fast_and_shaped():
-    model = UNetModel(PRESETS["tiny"]).eval()
-    x = torch.randn(2, 4, 16, 16)
+def test_tiny_preset_starts_at_zero_and_conditions_on_t_and_context():
+    g = torch.Generator().manual_seed(0)
+    x, ctx, t = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([1, 700])
+    fresh = UNetModel(PRESETS["tiny"]).eval()
+    assert isinstance(fresh.cfg, UNetConfig)
     with torch.no_grad():
-        out = model(x, torch.tensor([1, 2]), torch.randn(2, 77, 32))
-    assert out.shape == x.shape and isinstance(model.cfg, UNetConfig)
+        assert torch.equal(fresh(x, t, ctx), torch.zeros_like(x))  # zero-initialised output conv, as the original
+    model = randomize_(UNetModel(PRESETS["tiny"])).eval()
+    with torch.no_grad():
+        out = model(x, t, ctx)
+        assert out.shape == x.shape and out.abs().mean() > 0.1
+        # each sample's output is its own: the same as running it alone
+        torch.testing.assert_close(model(x[1:], t[1:], ctx[1:]), out[1:], rtol=1e-5, atol=1e-5)
+        # the timestep and the context both reach the output
+        assert (model(x, t.flip(0), ctx) - out).abs().max() > 0.01
+        assert (model(x, t, ctx.flip(0)) - out).abs().max() > 0.01
 
 
 def test_attention_scores_beyond_fp16_range_stay_finite():

@@ -1,43 +1,35 @@
 """Tests for vae.py: full-size key layouts vs checkpoint manifests, parity with diffusers golden tensors
 (fixtures/gen_vae.py), conversion round trips, distribution maths and strict-loading errors."""
-import importlib.util
 import json
 import math
-import os
 
 import pytest
 import torch
 
+import checkpoint
 import vae
+from testutil import (FIXTURES, MIN_INDEX_MARGIN, VAE_NARROW, index_margin, manifest as read_manifest, randomize_,
+                      vae_diffusers_config, vae_to_diffusers)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 MANIFESTS = {"sd": "sd-vae", "kl-f8": "ldm-kl-f8", "vq-f4": "ldm-vq-f4", "vq-f4-noattn": "ldm-vq-f4-noattn"}
-
-
-
-def _load_gen():
-    spec = importlib.util.spec_from_file_location("gen_vae", os.path.join(HERE, "fixtures", "gen_vae.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-gen = _load_gen()
-FIX = torch.load(os.path.join(HERE, "fixtures", "vae_parity.pt"), weights_only=True)
+FIX = torch.load(FIXTURES / "vae_parity.pt", weights_only=True)
 
 
 def manifest(name: str) -> dict:
-    with open(os.path.join(HERE, "fixtures", "manifests", f"{MANIFESTS[name]}.json")) as f:
-        d = json.load(f)
-    return {k: tuple(v[0]) for k, v in d.items() if not k.startswith(vae.IGNORED_PREFIXES)}
+    """The autoencoder keys of a public first-stage file: what the loader keeps (not its loss.* or EMA entries)."""
+    return {k: v for k, v in read_manifest(MANIFESTS[name]).items() if not checkpoint.is_ignored(k)}
 
 
 def close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    # The goldens are diffusers' float32 outputs. Ours and theirs (and either on another CPU, whose vector kernels
+    # sum in other orders) differ by float32 rounding accumulated through ~30 convolutions and GroupNorms: a few
+    # 1e-6 of the output's scale. 1e-4 of the largest output keeps 10x headroom on any machine; a real mismatch
+    # (padding, upsampling, attention scale) moves outputs by O(0.1).
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
 def model(name: str):
-    return gen.randomize_(vae.build_autoencoder(gen.CONFIGS[name])).eval()
+    return randomize_(vae.build_autoencoder(VAE_NARROW[name])).eval()
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -97,6 +89,8 @@ def test_vq_parity(name):
     with torch.no_grad():
         h = m.encode(FIX[f"{name}_x"])
         close(h, FIX[f"{name}_h"])
+        # exact indices are a fair demand only where no float32 rounding can swap the two nearest codes
+        assert index_margin(FIX[f"{name}_h"], m.quantize.embedding.weight) > MIN_INDEX_MARGIN
         quant, loss, (_, _, idx) = m.quantize(FIX[f"{name}_h"])
         assert torch.equal(idx, FIX[f"{name}_indices"])
         close(quant, FIX[f"{name}_quant"])
@@ -105,20 +99,20 @@ def test_vq_parity(name):
         close(m.decode_code(idx.reshape(1, *h.shape[2:])), FIX[f"{name}_dec"])
 
 
-@pytest.mark.parametrize("name", list(gen.CONFIGS))
+@pytest.mark.parametrize("name", list(VAE_NARROW))
 def test_config_from_diffusers(name):
-    assert vae.config_from_diffusers(json.loads(FIX[f"{name}_config"])) == gen.CONFIGS[name]
+    assert vae.config_from_diffusers(json.loads(FIX[f"{name}_config"])) == VAE_NARROW[name]
 
 
 @pytest.mark.parametrize("name", ["kl", "vq", "vqna"])  # layouts diffusers' own single-file converter covers
 def test_convert_diffusers_is_exact_inverse(name):
     sd = model(name).state_dict()
-    dsd = gen.to_diffusers(sd, gen.diffusers_config(gen.CONFIGS[name]))
+    dsd = vae_to_diffusers(sd, vae_diffusers_config(VAE_NARROW[name]))
     back = vae.convert_diffusers(dsd)
     assert set(back) == set(sd)
     assert all(torch.equal(back[k], sd[k]) for k in sd)
     m = vae.autoencoder_from_state_dict(back, vae.config_from_diffusers(json.loads(FIX[f"{name}_config"])))
-    assert isinstance(m, vae.VQModel if gen.CONFIGS[name].is_vq else vae.AutoencoderKL)
+    assert isinstance(m, vae.VQModel if VAE_NARROW[name].is_vq else vae.AutoencoderKL)
 
 
 def test_convert_diffusers_legacy_attention_names():
@@ -201,18 +195,21 @@ def test_from_state_dict_assigns_without_copy_and_ignores_loss_keys():
 def test_from_state_dict_errors_name_keys():
     sd = dict(model("vq").state_dict())
     extra = dict(sd, **{"encoder.bogus.weight": torch.zeros(1)})
-    with pytest.raises(ValueError, match=r"unexpected keys: encoder\.bogus\.weight"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"^autoencoder state dict does not fit the model; "
+                                                         r"unexpected: encoder\.bogus\.weight$"):
         vae.autoencoder_from_state_dict(extra)
     missing = dict(sd)
     del missing["decoder.up.1.block.2.conv1.bias"]
-    with pytest.raises(ValueError, match=r"missing keys: decoder\.up\.1\.block\.2\.conv1\.bias"):
-        vae.autoencoder_from_state_dict(missing, gen.CONFIGS["vq"])
+    with pytest.raises(ValueError, match=r"; missing: decoder\.up\.1\.block\.2\.conv1\.bias$"):
+        vae.autoencoder_from_state_dict(missing, VAE_NARROW["vq"])  # a CheckpointError is a ValueError
     bad = dict(sd, **{"quant_conv.bias": torch.zeros(5)})
-    with pytest.raises(ValueError, match=r"shape-mismatched keys: quant_conv\.bias"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"; shape mismatch: quant_conv\.bias \(5,\) vs \(3,\)$"):
         vae.autoencoder_from_state_dict(bad)
     many = {k: v for k, v in sd.items() if not k.startswith("decoder.up.")}
-    with pytest.raises(ValueError, match=r"in all\)"):
-        vae.autoencoder_from_state_dict(many, gen.CONFIGS["vq"])
+    n = sum(k.startswith("decoder.up.") for k in sd)
+    with pytest.raises(checkpoint.CheckpointError, match=rf"^my_vae.ckpt does not fit the model; missing: "
+                                                         rf"decoder\.up\.0\.[^;]* \.\.\. \({n} in all\)$"):
+        vae.autoencoder_from_state_dict(many, VAE_NARROW["vq"], what="my_vae.ckpt")
 
 
 def test_load_autoencoder_files(tmp_path):
@@ -229,8 +226,8 @@ def test_load_autoencoder_files(tmp_path):
     # Diffusers vae/ folder.
     folder = tmp_path / "vae"
     folder.mkdir()
-    dconfig = gen.diffusers_config(gen.CONFIGS["kl"])
-    dsd = {k: v.contiguous() for k, v in gen_diffusers_sd(sd, dconfig).items()}
+    dconfig = vae_diffusers_config(VAE_NARROW["kl"])
+    dsd = {k: v.contiguous() for k, v in vae_to_diffusers(sd, dconfig).items()}
     safetensors.save_file(dsd, str(folder / "diffusion_pytorch_model.safetensors"))
     (folder / "config.json").write_text(json.dumps(dict(dconfig, scaling_factor=0.25)))
     m3 = vae.load_autoencoder(str(folder))
@@ -238,10 +235,6 @@ def test_load_autoencoder_files(tmp_path):
     with torch.no_grad():
         for mm in (m, m2, m3):
             close(mm.encode(FIX["kl_x"]).mean, FIX["kl_mean"])
-
-
-def gen_diffusers_sd(sd: dict, dconfig: dict) -> dict:
-    return gen.to_diffusers(sd, dconfig)
 
 
 # ----------------------------------------------------------------------------- training helpers
@@ -383,7 +376,7 @@ LAT, TILE, OVERLAP = 48, 16, 4  # 48 x 48 latents in 3 x 3 tiles of 16, each dec
 
 
 def tiny(preset: str):
-    return gen.randomize_(vae.build_autoencoder(vae.PRESETS[preset])).eval()
+    return randomize_(vae.build_autoencoder(vae.PRESETS[preset])).eval()
 
 
 def seam_ratio(out: torch.Tensor, ref: torch.Tensor, seams: list[int], strip: int) -> float:
@@ -433,8 +426,8 @@ def test_tiles_cover_the_image_with_weights_summing_to_one(shape, overlap, monke
 @pytest.mark.parametrize("preset, mean_tol, far_tol", [("tiny-kl", 0.045, 0.35), ("tiny-vq", 0.05, 0.4)])
 def test_tiled_decode_is_close_to_the_plain_decode(preset, mean_tol, far_tol):
     # Not equal: each tile's GroupNorms in the up levels normalise with that tile's statistics. Measured on this
-    # stationary N(0, 1) latent (outputs have std ~0.6): mean |diff| 0.037 (kl) / 0.040 (vq); max |diff| outside the
-    # blend strips 0.29 / 0.33. Cutting the same tiles without context or blending (overlap 0) gives 0.108 / 0.136.
+    # stationary N(0, 1) latent (outputs have std ~0.6): mean |diff| 0.037 (kl) / 0.041 (vq); max |diff| outside the
+    # blend strips 0.29 / 0.38. Cutting the same tiles without context or blending (overlap 0) gives 0.108 / 0.146.
     torch.manual_seed(0)
     m = tiny(preset)
     z = torch.randn(1, m.cfg.embed_dim, LAT, LAT)

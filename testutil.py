@@ -1,0 +1,224 @@
+"""What the tests and the fixture generators (fixtures/gen_*.py) share, so that each exists once: seeded random
+weights with one rule, the checkpoint manifests (fixtures/manifests/*.json), and the reduced-width models, prompts
+and runs the golden fixtures were made with. Dev only: no runtime module imports it.
+
+The golden fixtures hold inputs and reference outputs only; a test rebuilds the same weights with `randomize_` (or
+`random_weights`) and the same seed, so changing the rule below means regenerating every fixture:
+    python fixtures/gen_clip.py; python fixtures/gen_unet.py; python fixtures/gen_vae.py; python fixtures/gen_ldm.py
+"""
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import clip
+import unet
+import vae
+
+ROOT = Path(__file__).resolve().parent
+FIXTURES = ROOT / "fixtures"
+
+# -----------------------------------------------------------------------------------------------------------------
+# Seeded random weights
+
+
+def random_weights(shapes: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Deterministic float32 weights for a {name: shape} layout, filled in sorted name order from one
+    torch.Generator seeded with `seed` (one standard-normal draw N per tensor):
+        names ending in "bias"            0.02 N
+        1-D tensors named "...weight"     1 + 0.1 N   (norm scales: near the identity, but not exactly it)
+        everything else                   N / sqrt(numel / shape[0])   (fan-in scaling; a 0-d scalar is plain N)
+    so activations keep unit scale through deep stacks of random layers and every parameter matters. (torch's CPU
+    normal draws are the same on every machine up to the last bit of its vectorised log/cos; the golden
+    comparisons' tolerances absorb that.)"""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in sorted(shapes):
+        shape = tuple(shapes[name])
+        noise = torch.randn(shape, generator=g)
+        if name.endswith("bias"):
+            out[name] = 0.02 * noise
+        elif len(shape) == 1 and name.endswith("weight"):
+            out[name] = 1 + 0.1 * noise
+        else:
+            out[name] = noise / math.sqrt(math.prod(shape[1:]))  # prod(()) = 1 for 1-D and 0-d tensors
+    return out
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Fill every floating-point tensor of `module`'s state dict in place with random_weights(seed); integer
+    buffers (BatchNorm counters) keep their values."""
+    sd = module.state_dict()
+    weights = random_weights({k: v.shape for k, v in sd.items() if v.is_floating_point()}, seed)
+    with torch.no_grad():
+        for name, value in weights.items():
+            sd[name].copy_(value)
+    return module
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Checkpoint manifests: fixtures/manifests/<name>.json maps each key of a public checkpoint to [shape, dtype name]
+
+
+def manifest(name: str, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """{key without `prefix`: shape} for the keys of manifest `name` (e.g. "sd15") that start with `prefix`, in the
+    file's order."""
+    entries = json.loads((FIXTURES / "manifests" / f"{name}.json").read_text())
+    return {k[len(prefix):]: tuple(shape) for k, (shape, _) in entries.items() if k.startswith(prefix)}
+
+
+def manifest_state_dict(*names: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Meta tensors with the exact keys (without `prefix`), shapes and dtypes of the public checkpoints `names`
+    (merged in order): a full-size state dict that costs no memory."""
+    sd = {}
+    for name in names:
+        entries = json.loads((FIXTURES / "manifests" / f"{name}.json").read_text())
+        for key, (shape, dtype) in entries.items():
+            if key.startswith(prefix):
+                sd[key[len(prefix):]] = torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+    return sd
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Text encoders (fixtures/gen_clip.py -> clip_tokens.json, clip_parity.pt)
+
+CLIP_LONG_PROMPT = (
+    "a highly detailed matte painting of a sprawling cyberpunk city at night, neon signs, rain soaked streets, "
+    "flying cars, towering skyscrapers, volumetric lighting, god rays, cinematic composition, by greg rutkowski "
+    "and alphonse mucha, trending on artstation, octane render, unreal engine 5, 8k, ultra wide angle, "
+    "dramatic clouds, reflections in puddles, crowded markets, holographic advertisements, steam vents")
+# Tokenizer goldens: case, accents, scripts, emoji (ZWJ, flags), HTML entities, whitespace, numbers, punctuation,
+# contractions, and prompts longer than 77 tokens.
+CLIP_PROMPTS = [
+    "", " ", "a photo of a cat", "A Photo Of A CAT", "a photo of a cat.", "an astronaut riding a horse on mars",
+    "Café crème brûlée", "naïve résumé façade jalapeño", "Ångström Øresund Straße ß", "déjà vu",
+    "東京の夜景", "一只可爱的猫", "서울의 밤", "Москва зимой", "Αθήνα", "مرحبا بالعالم", "नमस्ते दुनिया",
+    "a cat 🐱 and a dog 🐶", "🔥🔥🔥", "👩‍🚀 astronaut emoji with zwj", "flags 🇯🇵🇫🇷",
+    "salt &amp; pepper", "&lt;b&gt;bold&lt;/b&gt;", "&amp;amp; double escaped", "&quot;quoted&quot; &#39;single&#39;",
+    "&nbsp;non&nbsp;breaking", "  leading and trailing spaces  ", "multiple    inner     spaces",
+    "new\nlines\n\nhere", "tabs\tand\ttabs", "\r\nwindows line end\r\n", "mixed \t\n whitespace \u3000 ideographic",
+    "1234567890", "3.14159 pi", "year 2024, 4k, 8K, 1080p", "$100 & 50% off!!!", "v1.5 vs v2.1",
+    "hello,world", "(masterpiece:1.2), [bad hands]", "cat-like", "end.", "wow!!!", "what?!", "a...b",
+    "it's", "don't", "you're", "we've", "I'm", "they'll", "he'd", "IT'S DON'T", "rock'n'roll", "o'clock",
+    "trending on artstation", "portrait of a woman, oil on canvas, by rembrandt", "snake_case_name", "#hashtag @user",
+    "email me: a.b@c.com", "https://example.com/path?q=1", "C++ and C#", "mojibake: cafÃ©", "\u00e9 vs e\u0301",
+    "supercalifragilisticexpialidocious", "ALLCAPS SHOUTING PROMPT", "MiXeD cAsE",
+    CLIP_LONG_PROMPT, CLIP_LONG_PROMPT + " " + CLIP_LONG_PROMPT, "word " * 100,
+]
+CLIP_PARITY_PROMPTS = ["a photo of an astronaut riding a horse on mars", "東京の夜景, 8k 🐱", "", CLIP_LONG_PROMPT]
+
+# Reduced width, real structure: 12 quick_gelu layers (SD1); 24 gelu blocks, penultimate output (SD2).
+CLIP_NARROW = {
+    "sd1": clip.TextConfig(layout="clip", width=64, layers=12, heads=4, act="quick_gelu", layer="last"),
+    "sd2": clip.TextConfig(layout="openclip", width=64, layers=24, heads=4, act="gelu", layer="penultimate",
+                           embed_dim=64),
+}
+CLIP_SEEDS = {"sd1": 1, "sd2": 2, "sd2_diffusers": 3}  # random_weights seed of each parity model
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# U-Nets (fixtures/gen_unet.py -> unet_sd1.pt, unet_sd2.pt, unet_diffusers_keys.json, unet_diffusers_configs.json)
+
+# Reduced width, real structure: 4 levels (1, 2, 4, 4), 2 ResBlocks each, attention at 4, 2, 1.
+UNET_NARROW = {
+    "sd1": replace(unet.PRESETS["sd1"], model_channels=32, context_dim=40),  # 8 heads of 4..16 channels, conv proj
+    "sd2": replace(unet.PRESETS["sd2"], model_channels=32, num_head_channels=8, context_dim=48),  # linear proj
+}
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Autoencoders (fixtures/gen_vae.py -> vae_parity.pt)
+
+# Reduced-width configs keeping the real structure: SD/kl-f8 (4 levels, 2 blocks, mid attention), vq-f4, noattn.
+VAE_NARROW = {
+    "kl": vae.AutoencoderConfig(embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=2,
+                                scale_factor=0.18215),
+    "vq": vae.AutoencoderConfig(embed_dim=3, n_embed=256, double_z=False, z_channels=3, ch=32, ch_mult=(1, 2, 4),
+                                num_res_blocks=2),
+    "vqna": vae.AutoencoderConfig(embed_dim=3, n_embed=256, double_z=False, z_channels=3, ch=32, ch_mult=(1, 2, 4),
+                                  num_res_blocks=2, attn_type="none"),
+    # Attention inside a resolution level (kl-f16 / kl-f32 / vq-f8 style): level 2 of 3 runs at 256 / 4 = 64.
+    "klattn": vae.AutoencoderConfig(embed_dim=4, z_channels=4, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2,
+                                    attn_resolutions=(64,), scale_factor=1.0),
+}
+VAE_IMAGE_SIZE = {"kl": 64, "vq": 32, "vqna": 32, "klattn": 32}  # side of each parity input image
+
+
+# VQ parity compares code indices exactly, so each latent vector's runner-up code must lie farther than its nearest
+# code by many times what fp32 rounding can change a squared distance: the quantiser sums ||z||^2 + ||e||^2 - 2 z.e,
+# whose rounding is a few units of 2^-24 times the size of those terms.
+MIN_INDEX_MARGIN = 50
+
+
+def index_margin(z: torch.Tensor, codebook: torch.Tensor) -> float:
+    """min over the latent vectors of z (B, C, h, w) of (second-smallest - smallest squared distance to the codes),
+    in units of 2^-24 (||z||^2 + max ||e||^2): how many fp32 roundings apart the two nearest codes are. float64."""
+    flat = z.detach().permute(0, 2, 3, 1).reshape(-1, codebook.shape[1]).double()
+    e = codebook.detach().double()
+    d2 = torch.cdist(flat, e).square()
+    top2 = d2.topk(2, largest=False).values
+    scale = flat.square().sum(1) + e.square().sum(1).max()
+    return ((top2[:, 1] - top2[:, 0]) / (2.0 ** -24 * scale)).min().item()
+
+
+def vae_diffusers_config(cfg: vae.AutoencoderConfig) -> dict:
+    """The diffusers AutoencoderKL / VQModel config.json of the architecture `cfg` describes."""
+    n = len(cfg.ch_mult)
+    attn = ["Attn" if cfg.resolution // 2 ** i in cfg.attn_resolutions else "" for i in range(n)]
+    out = dict(in_channels=cfg.in_channels, out_channels=cfg.out_ch,
+               down_block_types=[a + "DownEncoderBlock2D" for a in attn],
+               up_block_types=[a + "UpDecoderBlock2D" for a in reversed(attn)],
+               block_out_channels=[cfg.ch * m for m in cfg.ch_mult],
+               layers_per_block=cfg.num_res_blocks, latent_channels=cfg.z_channels, norm_num_groups=32,
+               sample_size=cfg.resolution, scaling_factor=cfg.scale_factor,
+               mid_block_add_attention=cfg.attn_type != "none")
+    if cfg.is_vq:
+        out.update(num_vq_embeddings=cfg.n_embed, vq_embed_dim=cfg.embed_dim)
+    return out
+
+
+def vae_to_diffusers(state_dict: dict, config: dict) -> dict:
+    """Our (CompVis) autoencoder state dict in diffusers' names, by diffusers' own single-file converter (needs
+    diffusers, requirements-dev.txt)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    if any("Attn" in t for t in config["down_block_types"]):
+        # diffusers' converter has no table for attention inside levels: invert our convert_diffusers key by key
+        # over the names of a freshly built diffusers model (the parity of the outputs checks the mapping).
+        from diffusers import AutoencoderKL, VQModel
+        with torch.device("meta"):
+            ref = (VQModel if "num_vq_embeddings" in config else AutoencoderKL)(**config)
+        theirs = ref.state_dict()
+        ours = vae.convert_diffusers(theirs)  # one key out per key in, in the same order
+        return {k: state_dict[o].reshape(p.shape) for (k, p), o in zip(theirs.items(), ours)}
+    out = convert_ldm_vae_checkpoint(dict(state_dict), config)
+    if "quantize.embedding.weight" in state_dict:  # the KL-oriented converter skips the codebook
+        out["quantize.embedding.weight"] = state_dict["quantize.embedding.weight"]
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Whole pipeline and checkpoint files (fixtures/gen_ldm.py -> ldm_pipeline.pt, ldm_diffusers_layout.json,
+# ldm_reference.safetensors, ldm_schedule.pt)
+
+PIPELINE_PROMPTS = ["a red apple on a table", "an emoji of a cat"]
+PIPELINE_NEGATIVE = ["", "blurry"]
+PIPELINE_SEED = 1234  # image i: torch.Generator("cpu").manual_seed(PIPELINE_SEED + i)
+PIPELINE_RUNS = {  # name: (prediction_type, eta, steps, guidance_scale); "tiny" model, random_weights seed 0
+    "eps": ("eps", 0.0, 10, 7.5), "eps_eta": ("eps", 0.5, 8, 5.0), "v": ("v", 0.0, 10, 7.5),
+    "nocfg": ("eps", 0.0, 5, 1.0),
+}
+
+
+def reference_tensors() -> dict[str, torch.Tensor]:
+    """What ldm_reference.safetensors holds (written by the `safetensors` library): one small tensor per dtype,
+    a scalar and an empty tensor, with values a test can rebuild."""
+    out = {}
+    for i, dtype in enumerate([torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
+                               torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool]):
+        out[f"t{i}.{str(dtype)[6:]}"] = (torch.arange(2 * 3 * (i + 1)) - 5).reshape(2, 3, i + 1).to(dtype)
+    out["scalar"] = torch.tensor(3.5)
+    out["empty"] = torch.zeros(0, 4)
+    return out
