@@ -46,6 +46,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default in (None, False) else super()._get_help_string(action)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors ('error: ... (see prog --help)'), exit status 2, like every other error."""
+
+    def error(self, message: str):
+        hint = "; a value that starts with '-' is written --flag=VALUE" if "expected one argument" in message else ""
+        self.exit(2, f"error: {message} (see {self.prog} --help{hint})\n")
+
+
 def add_run_flags(p: argparse.ArgumentParser, defaults: dict[str, str]) -> argparse.ArgumentParser:
     """The flags every training stage has: data, run folder, resume, optimisation, precision, checkpoints, progress.
     `defaults` says in words what each size-dependent default is, e.g. {"lr": "1e-3 tiny, 1e-5 SD"}."""

@@ -15,11 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cli import HelpFormatter
+from cli import HelpFormatter, Parser
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="image folder, as train.py reads it")
     p.add_argument("--out", required=True, help="folder for the four runs and the report")
     p.add_argument("--resolution", type=int, default=64, help="image size")

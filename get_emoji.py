@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cli import HelpFormatter, UserError, run
+from cli import HelpFormatter, Parser, UserError, run
 
 URL = "https://registry.npmjs.org/emoji-datasource-google/-/emoji-datasource-google-16.0.0.tgz"
 SHA256 = "fb5fd131b362aab7a55542d2a147a79708cce0a8b1c1bbacd470172708b5c438"
@@ -29,7 +29,7 @@ Captions were made from the names by get_emoji.py; transparency was flattened on
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, default=Path("emoji"), help="folder to write the images and captions into")
     p.add_argument("--tarball", type=Path, help="use this emoji-datasource-google .tgz instead of downloading it")
     p.add_argument("--no-skin-tones", action="store_true", help="leave out the skin-tone variants (1,911 images "

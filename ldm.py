@@ -196,9 +196,10 @@ def diffusion_loss(model: LatentDiffusion, denoise, z0: torch.Tensor, noise: tor
 
 
 def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """SD's 'leading' grid with offset 1: [1, 21, ..., 981] for 50 steps; denoising runs it in reverse."""
-    if not 1 <= steps <= num_train_timesteps:
-        raise ValueError(f"steps must be in 1..{num_train_timesteps}, got {steps}")
+    """SD's 'leading' grid with offset 1: [1, 21, ..., 981] for 50 steps; denoising runs it in reverse. The offset
+    leaves room for num_train_timesteps - 1 steps at most."""
+    if not 1 <= steps < num_train_timesteps:
+        raise ValueError(f"steps must be in 1..{num_train_timesteps - 1}, got {steps}")
     return [t + 1 for t in range(0, num_train_timesteps, num_train_timesteps // steps)][:steps]
 
 
@@ -382,6 +383,8 @@ def sample(model: LatentDiffusion, prompts: list[str], *, negative_prompts: list
     negative_prompts = [n or "" for n in _per_image(negative_prompts, B, "negative prompts")]
     seed = random.randrange(2 ** 32) if seed is None else seed
     seeds = [seed + i for i in range(B)] if isinstance(seed, int) else _per_image(seed, B, "seeds")
+    if not all(0 <= s < 2 ** 64 for s in seeds):  # what torch.Generator.manual_seed takes
+        raise ValueError(f"seeds must be in 0..2**64 - 1, got {seeds}")
     height, width = height or model.resolution, width or model.resolution
     if height % f or width % f:
         raise ValueError(f"height and width must be multiples of {f}, got {width}x{height}")

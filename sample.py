@@ -19,13 +19,14 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli import HelpFormatter, UserError, run
+from cli import HelpFormatter, Parser, UserError, run
 
 SAMPLER_NAMES = {"ddim": "DDIM"}  # our name -> the name in the parameters text
+SEED_MAX = 2 ** 64 - 1  # what torch.Generator.manual_seed takes
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Generate images with a Stable Diffusion checkpoint.",
+    p = Parser(description="Generate images with a Stable Diffusion checkpoint.",
                                 formatter_class=HelpFormatter)
     p.add_argument("prompt", nargs="?", help="what to draw (optional with --prompts-file or --replay)")
     p.add_argument("--negative", metavar="TEXT", help="negative prompt: what to steer away from")
@@ -41,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (1 turns it off)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic, 1 is DDPM-like")
     p.add_argument("--sampler", choices=sorted(SAMPLER_NAMES), default="ddim", help="sampler")
-    p.add_argument("--seed", type=int, metavar="N", help="seed of the first image, image i uses seed + i "
-                   "(default: random, printed)")
+    p.add_argument("--seed", type=int, metavar="N", help="seed of the first image, image i uses seed + i; 0 to "
+                   "2**64 - 1, -1 for a random one (default: random, printed)")
     p.add_argument("--height", type=int, metavar="PX", help="image height, any multiple of 8 (default: the model's "
                    "resolution)")
     p.add_argument("--width", type=int, metavar="PX", help="image width, any multiple of 8 (default: the model's "
@@ -277,6 +278,8 @@ def generate(model: ldm.LatentDiffusion, jobs: list[Job], init: torch.Tensor = N
                           strength=job.strength or 0.75, tile=tile, cuda_graph=cuda_graph)
     except ldm.NonFiniteError as e:
         raise UserError(f"{e} (--dtype fp32 or bf16 may help)") from None
+    except ValueError as e:  # settings ldm.sample refuses (e.g. from a --replay PNG)
+        raise UserError(str(e)) from None
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -287,8 +290,13 @@ def check_args(args):
     for name, low in (("steps", 1), ("n", 1), ("batch_size", 1)):
         if getattr(args, name) < low:
             raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
-    if args.steps > 1000:
-        raise UserError(f"--steps must be at most 1000 (the training schedule's length), got {args.steps}")
+    if args.steps > 999:
+        raise UserError(f"--steps must be at most 999 (the 1000-step training schedule, offset by 1), got {args.steps}")
+    if not math.isfinite(args.cfg) or not math.isfinite(args.eta):
+        raise UserError(f"--cfg and --eta must be finite numbers, got {args.cfg} and {args.eta}")
+    if args.seed is not None and not (args.seed == -1 or 0 <= args.seed <= SEED_MAX - (args.n - 1)):
+        raise UserError(f"--seed must be in 0..{SEED_MAX} (image i uses seed + i, up to {SEED_MAX}), or -1 for a "
+                        f"random one; got {args.seed}")
     if args.tile is not None and args.tile < 8:
         raise UserError(f"--tile must be at least 8 latent pixels (64 = 512 px is a good size), got {args.tile}")
     if args.eta < 0:
@@ -306,7 +314,7 @@ def run_generate(args) -> int:
     model, info = load(args)
     width, height = check_size(model, args.width, args.height, args.batch_size, args.tile)
     init = image_tensor(init_pil, width, height) if init_pil else None
-    seed = args.seed if args.seed is not None else random.randrange(2 ** 32)
+    seed = args.seed if args.seed not in (None, -1) else random.randrange(2 ** 32)  # -1: random, as in A1111
     print(f"seed {seed}" + (f" (images use {seed}..{seed + args.n - 1})" if args.n > 1 else ""), file=sys.stderr)
     jobs = [Job(p, args.negative or "", seed + i, args.steps, args.cfg, args.eta, width, height,
                 args.strength if init is not None else None, args.sampler) for p in prompts for i in range(args.n)]

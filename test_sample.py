@@ -1,5 +1,6 @@
 """Tests for sample.py (the text-to-image CLI). CPU, a tiny random model written by the test."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -232,6 +233,31 @@ def test_bad_inputs_are_one_line_errors(tmp_path, ckpt, capsys, case):
     assert rc == 2 and out == ""
     assert expect in error_line(err)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, expect", [
+    (["--seed", 2 ** 70], "--seed must be in 0..18446744073709551615"),
+    (["--seed=-5"], "or -1 for a random one"),
+    (["--seed", 2 ** 64 - 1, "--n", 2], "image i uses seed + i"),
+    (["--steps", 1000], "--steps must be at most 999"),
+    (["--cfg", "nan"], "must be finite numbers"),
+    (["--cfg", "-1e30"], "a value that starts with '-' is written --flag=VALUE"),
+])
+def test_out_of_range_settings_are_one_line_errors(tmp_path, ckpt, capsys, flags, expect):
+    with pytest.raises(SystemExit) if flags[-1] == "-1e30" else contextlib.nullcontext() as raised:
+        rc, out, err = run_main(capsys, "a", "--ckpt", ckpt, *flags, "--out", tmp_path / "out")
+    if raised:  # argparse's own errors: one line too (cli.Parser)
+        rc, err = raised.value.code, capsys.readouterr().err
+    assert rc == 2 and expect in error_line(err) and not (tmp_path / "out").exists()
+
+
+def test_extreme_but_valid_settings_run(tmp_path, ckpt, capsys):
+    """The largest seed, the most steps the schedule has, a huge guidance scale (NaN latents: one line)."""
+    rc, out, _ = run_main(capsys, "a", "--ckpt", ckpt, "--seed", 2 ** 64 - 1, "--steps", 999, "--height", 8,
+                          "--width", 8, "--out", tmp_path)
+    assert rc == 0 and "Seed: 18446744073709551615, " in parameters(out.strip())
+    rc, _, err = run_main(capsys, "a", "--ckpt", ckpt, "--cfg=-1e30", "--steps", 2, "--out", tmp_path / "x")
+    assert rc == 2 and "NaN/inf latents" in error_line(err)
 
 
 # -----------------------------------------------------------------------------------------------------------------

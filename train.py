@@ -15,7 +15,7 @@ DDP and signals: see runs.py.
 import argparse
 import sys
 
-from cli import HelpFormatter, UserError, add_run_flags, parse_run_args, run
+from cli import HelpFormatter, Parser, UserError, add_run_flags, parse_run_args, run
 
 # Defaults by model size ("tiny": CPU-sized, learns in a few dozen steps; "sd": SD 1.x/2.x-sized fine-tuning).
 DEFAULTS = {
@@ -29,7 +29,7 @@ CONFIGS = ("tiny", "small", "sd1", "sd2")  # ldm.PRESETS, named here so that --h
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_run_flags(p, dict(resolution="the model's", batch_size="8 tiny, 4 SD", steps="2000 tiny, 20000 SD",
                           lr="1e-3 tiny, 1e-5 SD fine-tune, 1e-4 SD from scratch", warmup_steps="10 tiny, 500 SD",
                           grad_clip="1", precision="bf16 on a GPU, fp32 on the CPU", save_every="500 tiny, 1000 SD",

@@ -14,7 +14,7 @@ DDP and signals: see runs.py.
 import argparse
 import sys
 
-from cli import HelpFormatter, UserError, add_run_flags, parse_run_args, run
+from cli import HelpFormatter, Parser, UserError, add_run_flags, parse_run_args, run
 
 # The LDM first-stage configs: Adam(0.5, 0.9), no warm-up or clipping, and for SD-sized presets lr = 4.5e-6 * global
 # batch (base_learning_rate scaling). Tiny presets learn 64px images in minutes at 1e-3.
@@ -30,7 +30,7 @@ CONFIGS = ("tiny-kl", "tiny-vq", "kl-f4", "kl-f8", "kl-f16", "kl-f32", "vq-f4", 
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_run_flags(p, dict(resolution="the preset's", batch_size="8 tiny, 4 otherwise",
                           steps="2000 tiny, 100000 otherwise", lr="1e-3 tiny, else 4.5e-6 x global batch",
                           warmup_steps="0", grad_clip="0", precision="bf16 on a GPU, fp32 on the CPU",
