@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, launch each denoising step's kernels "
                    "one by one instead of replaying a captured CUDA graph (same images, slower)")
     p.add_argument("--replay", type=Path, metavar="PNG", help="regenerate this PNG from its parameters and compare "
-                   "pixels (exit 0 when identical, 1 when not)")
+                   "pixels (exit 0 when identical, 1 when not); without --ckpt, the model its 'Model hash' names, "
+                   "looked for in the download cache and beside the PNG")
     return p
 
 
@@ -351,6 +352,25 @@ def run_generate(args) -> int:
     return 0
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def find_model(fields: dict, png: Path) -> Path | None:
+    """The checkpoint a PNG names by its 'Model hash' (the first 10 hex digits of its sha256): the default weights
+    (downloaded if need be), else a file in the download cache or beside the PNG. None: use the default."""
+    want = fields.get("Model hash")
+    if not want or want == checkpoint.DEFAULT_MODEL_SHA256[:10]:
+        return None
+    folders = dict.fromkeys([checkpoint.cache_dir(), png.resolve().parent])
+    for path in sorted(p for folder in folders if folder.is_dir() for p in folder.iterdir()
+                       if p.suffix in WEIGHT_SUFFIXES and p.is_file()):
+        if checkpoint.file_sha256(path, progress=path.stat().st_size > 1 << 28)[:10] == want:
+            print(f"{png.name} names Model hash {want}: {path}", file=sys.stderr)
+            return path
+    raise UserError(f"{png} was made with Model hash {want} (Model: {fields.get('Model', '?')}), which is neither the "
+                    f"default weights nor a file in {' or '.join(map(str, folders))}; pass it with --ckpt PATH")
+
+
 def run_replay(args) -> int:
     image = read_image(args.replay, "--replay image")
     text = getattr(image, "text", {}).get("parameters")
@@ -361,6 +381,8 @@ def run_replay(args) -> int:
         raise UserError(f"{args.replay} was made with img2img (Denoising strength {job.strength}); pass the same "
                        "--init-image")
     init_pil = read_image(args.init_image, "--init-image") if job.strength is not None else None
+    if args.ckpt is None:
+        args.ckpt = find_model(fields, args.replay)
     model, info = load(args)
     check_size(model, job.width, job.height, 1, args.tile)
     for key in ("Model hash", "VAE hash"):

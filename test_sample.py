@@ -93,6 +93,23 @@ def test_generate_then_replay_matches(tmp_path, ckpt, ldm_home):
     assert r.stdout.startswith("match: identical pixels") and "warning" not in r.stderr
 
 
+def test_replay_finds_the_model_by_its_hash(tmp_path, ckpt, capsys, ldm_home):
+    """Without --ckpt, --replay looks for the PNG's Model hash in the download cache and beside the PNG, and never
+    downloads the default weights for an image another model made."""
+    rc, out, _ = run_main(capsys, "x", "--ckpt", ckpt, "--seed", 1, *FAST, "--out", tmp_path / "outputs")
+    png = Path(out.strip())
+    rc, out, err = run_main(capsys, "--replay", png)  # the model is nowhere it looks: one line, no download
+    assert rc == 2 and f"Model hash {parameters(png).split('Model hash: ')[1][:10]}" in error_line(err)
+    assert "pass it with --ckpt" in error_line(err) and not list(ldm_home.glob("*.safetensors"))
+    for place in (ldm_home, png.parent):
+        place.mkdir(parents=True, exist_ok=True)
+        copy = place / "renamed.safetensors"
+        copy.write_bytes(ckpt.read_bytes())
+        rc, out, err = run_main(capsys, "--replay", png)
+        assert rc == 0 and out.startswith("match: identical pixels") and str(copy) in err
+        copy.unlink()
+
+
 def test_replay_reports_a_changed_pixel(tmp_path, ckpt, capsys):
     rc, out, _ = run_main(capsys, "x", "--ckpt", ckpt, "--seed", 1, "--cfg", 1, *FAST, "--out", tmp_path)
     path = Path(out.strip())
