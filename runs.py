@@ -169,6 +169,8 @@ class Run:
                              "choose another --out")
         self.args = args
         items, self.has_captions = data.find_images(args.data)  # before building anything: a bad folder fails fast
+        if self.rank == 0:
+            self.prepare_folder()
         self.items, bad = data.check_images(items, progress=self.rank == 0 and not args.no_progress)
         if bad:
             self.print(f"skipped {len(bad)} unreadable image{'s' * (len(bad) > 1)}: "
@@ -304,6 +306,20 @@ class Run:
             with open(self.out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def prepare_folder(self):
+        """Before anything is built: --out must be a folder this process can write (one line if not), and temporary
+        files a killed run left behind (an interrupted atomic write) are removed."""
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError(f"--out {self.out}: is a file; pass a folder for the run")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / ".write-test").touch()
+            (self.out / ".write-test").unlink()
+        except OSError as e:
+            raise UserError(f"--out {self.out}: cannot write there ({e.strerror or e})") from None
+        for tmp in self.out.glob("*.tmp"):
+            tmp.unlink(missing_ok=True)
+
     def open_folder(self):
         """Create the run folder; drop log lines past the step training restarts from (written after the last
         checkpoint)."""
@@ -316,6 +332,12 @@ class Run:
             return
         lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] < self.start]
         path.write_text("".join(ln + "\n" for ln in lines))
+
+    def save_grid(self, image: Image.Image, step: int, pnginfo=None):
+        """OUT/samples/step-<step>.png, written atomically."""
+        (self.out / "samples").mkdir(parents=True, exist_ok=True)
+        with checkpoint.atomic_write(self.out / "samples" / f"step-{step:07d}.png") as f:
+            image.save(f, format="PNG", pnginfo=pnginfo)
 
     def state_dict(self, step: int, optimizer: torch.optim.Optimizer) -> dict:
         """The checkpoint fields every stage has: position, optimizer, scaler, LR schedule, RNG, settings."""

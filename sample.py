@@ -192,11 +192,19 @@ def save_png(image: Image.Image, out: Path, parameters: str, grid: bool = False)
     """Write a PNG with a `parameters` text chunk; never replaces a file (exclusive create, next free name)."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    (out.parent if out.suffix and not out.is_dir() else out).mkdir(parents=True, exist_ok=True)
+    folder = out.parent if out.suffix and not out.is_dir() else out
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create the folder {folder} ({e.strerror or e})") from None
     for path in _candidates(out, grid):
         try:
             with open(path, "xb") as f:
-                image.save(f, format="PNG", pnginfo=info)
+                try:
+                    image.save(f, format="PNG", pnginfo=info)
+                except BaseException:  # disk full, Ctrl-C: no half-written PNG is left behind
+                    path.unlink(missing_ok=True)
+                    raise
             return path
         except FileExistsError:
             continue

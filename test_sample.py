@@ -368,6 +368,24 @@ def test_any_multiple_of_the_vae_factor_is_a_size(tmp_path, ckpt, capsys, monkey
     assert rc == 0 and len(set(tmp_path.iterdir()) - before) == 1
 
 
+def test_failed_writes_are_one_line_and_leave_no_partial_png(tmp_path, ckpt, capsys, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    rc, _, err = run_main(capsys, "a", "--ckpt", ckpt, *FAST, "--out", tmp_path / "file" / "sub")
+    assert rc == 2 and "cannot create the folder" in error_line(err)
+    real_save = Image.Image.save
+
+    def disk_full(self, fp, *args, **kwargs):
+        if hasattr(fp, "write"):
+            fp.write(b"\x89PNG half an image")
+            raise OSError(28, "No space left on device")
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    rc, out, err = run_main(capsys, "a", "--ckpt", ckpt, *FAST, "--out", tmp_path / "outputs")
+    assert rc == 1 and "No space left on device" in error_line(err) and out == ""
+    assert list((tmp_path / "outputs").iterdir()) == []
+
+
 def test_out_of_memory_is_one_line_advice(tmp_path, ckpt, capsys, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")

@@ -302,6 +302,32 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert state["step"] == 4 and path.name == "ckpt-0000004.pt"
 
 
+def test_run_folders_that_cannot_be_written_are_one_line(tmp_path, capsys, monkeypatch):
+    make_images(tmp_path / "d", 4)
+    argv = ["--data", str(tmp_path / "d"), "--steps", "2"] + FAST
+    (tmp_path / "file").write_text("x")
+    for out, expect in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "run", "cannot write there")):
+        assert cli.run(train.main, argv + ["--out", str(out)]) == 2
+        assert expect in capsys.readouterr().err.strip().splitlines()[-1]
+    # a disk that fills up while saving: one line, exit 1, the last good checkpoint kept, no temporary file
+    out = tmp_path / "run"
+    train.main(argv + ["--out", str(out), "--save-every", "1"])
+    (out / "ckpt-0000009.pt.tmp").write_bytes(b"left by a killed run")
+    real_save = torch.save
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    assert cli.run(train.main, ["--out", str(out), "--resume", "--steps", "3"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: No space left on device"
+    monkeypatch.setattr(torch, "save", real_save)
+    assert [p.name for p in runs.list_checkpoints(out)] == ["ckpt-0000002.pt", "ckpt-0000001.pt"]
+    assert not list(out.glob("*.tmp"))  # the killed run's and the failed save's temporary files are gone
+    assert torch.load(out / "ckpt-0000002.pt", weights_only=True)["step"] == 2
+
+
 def test_non_finite_loss_stops_after_repeated_failures(tmp_path, monkeypatch, capsys):
     make_images(tmp_path / "d", 4)
     monkeypatch.setattr(ldm, "diffusion_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))

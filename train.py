@@ -379,12 +379,11 @@ def sample_grid(t: Training, step: int):
     finally:
         model.unet.train()
         model.text_encoder.train(args.train_text_encoder)
-    (t.run.out / "samples").mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()  # what the grid shows, for tools that read it
     info.add_text("prompts", json.dumps(t.prompts))
     info.add_text("parameters", f"Steps: {args.sample_steps}, Sampler: DDIM, CFG scale: {args.sample_cfg}, "
                                 f"Seed: {args.seed}, Size: {args.resolution}x{args.resolution}, Step: {step}")
-    ldm.image_grid(images, labels=t.prompts).save(t.run.out / "samples" / f"step-{step:07d}.png", pnginfo=info)
+    t.run.save_grid(ldm.image_grid(images, labels=t.prompts), step, info)
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -302,8 +302,7 @@ def sample_grid(t: Training, step: int):
         t.grid_cache = data.load_images((run.val_items + run.items)[:4], t.args.resolution)[0]
     x = t.grid_cache.to(run.device)
     pairs = [im for pair in zip(ldm.to_pil(x), ldm.to_pil(reconstruct_eval(t, x))) for im in pair]
-    (run.out / "samples").mkdir(parents=True, exist_ok=True)
-    ldm.image_grid(pairs).save(run.out / "samples" / f"step-{step:07d}.png")
+    run.save_grid(ldm.image_grid(pairs), step)
 
 
 # -----------------------------------------------------------------------------------------------------------------
