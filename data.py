@@ -21,6 +21,18 @@ from tqdm import tqdm
 from cli import UserError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_PIXELS = 64 * 2 ** 20  # larger images cost seconds and gigabytes at every load: refused by check_images
+MAX_ASPECT = 4  # a longer side beyond 4x the shorter is centre-cropped to 4:1 before resizing
+
+
+def read_text(path: Path) -> str:
+    """A caption file or metadata.jsonl as UTF-8, or a one-line error naming the file."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
 
 
 def find_images(root: str | os.PathLike) -> tuple[list[tuple[Path, str]], bool]:
@@ -33,7 +45,7 @@ def find_images(root: str | os.PathLike) -> tuple[list[tuple[Path, str]], bool]:
     meta = root / "metadata.jsonl"
     items = []
     if meta.exists():
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_text(meta).splitlines(), 1):
             if line.strip():
                 try:
                     rec = json.loads(line)
@@ -43,7 +55,7 @@ def find_images(root: str | os.PathLike) -> tuple[list[tuple[Path, str]], bool]:
     else:
         for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()):
             txt = path.with_suffix(".txt")
-            items.append((path, txt.read_text(encoding="utf-8").strip() if txt.exists() else None))
+            items.append((path, read_text(txt).strip() if txt.exists() else None))
     if not items:
         raise UserError(f"--data {root}: no images found (looked for {', '.join(IMAGE_EXTS)} recursively, "
                          "or a metadata.jsonl)")
@@ -70,6 +82,10 @@ def load_image(path: Path, resolution: int, rng: np.random.Generator = None, ran
     with Image.open(path) as im:
         im = to_rgb(ImageOps.exif_transpose(im))
     w, h = im.size
+    if max(w, h) > MAX_ASPECT * min(w, h):  # a 1x200000 strip would be resized to 64x12800000 pixels
+        keep_w, keep_h = min(w, MAX_ASPECT * h), min(h, MAX_ASPECT * w)
+        im = im.crop(((w - keep_w) // 2, (h - keep_h) // 2, (w + keep_w) // 2, (h + keep_h) // 2))
+        w, h = im.size
     s = resolution / min(w, h)
     im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
     w, h = im.size
@@ -104,23 +120,31 @@ def split_items(items: list, val_fraction: float, seed: int) -> tuple[list, list
     return [items[i] for i in keep], [items[i] for i in held_out]
 
 
-def readable(path: Path) -> bool:
+def image_problem(path: Path) -> str | None:
+    """Why an image cannot be trained on ('unreadable', 'over N pixels'), or None: each one is decoded once, at
+    reduced scale where the format allows, after its size is checked from the header."""
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                return f"over {MAX_PIXELS:,} pixels"
             im.draft("RGB", (256, 256))  # JPEG: decode at reduced scale, still reading every byte
             im.load()
-        return True
+        return None
     except Exception:  # PIL raises many types for damaged files (OSError, SyntaxError, ValueError, ...)
-        return False
+        return "unreadable"
 
 
-def check_images(items: list[tuple[Path, str]], progress: bool = False) -> tuple[list[tuple[Path, str]], list[Path]]:
-    """(readable items, unreadable paths): every image is decoded once before training (threads; PIL decodes
-    without the GIL), so a damaged or truncated file is reported up front instead of failing mid-run."""
+def check_images(items: list[tuple[Path, str]], progress: bool = False) -> tuple[list, dict[str, list[Path]]]:
+    """(usable items, {problem: paths}): every image is checked before training (threads; PIL decodes without the
+    GIL), so a damaged, truncated or huge file is reported up front instead of failing mid-run."""
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        ok = list(tqdm(pool.map(readable, [p for p, _ in items]), total=len(items), desc="checking images",
-                       disable=not progress, leave=False))
-    return [it for it, good in zip(items, ok) if good], [p for (p, _), good in zip(items, ok) if not good]
+        problems = list(tqdm(pool.map(image_problem, [p for p, _ in items]), total=len(items),
+                             desc="checking images", disable=not progress, leave=False))
+    bad = {}
+    for (path, _), problem in zip(items, problems):
+        if problem:
+            bad.setdefault(problem, []).append(path)
+    return [it for it, problem in zip(items, problems) if not problem], bad
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -172,11 +172,15 @@ class Run:
         if self.rank == 0:
             self.prepare_folder()
         self.items, bad = data.check_images(items, progress=self.rank == 0 and not args.no_progress)
-        if bad:
-            self.print(f"skipped {len(bad)} unreadable image{'s' * (len(bad) > 1)}: "
-                       + ", ".join(p.name for p in bad[:5]) + (", ..." if len(bad) > 5 else ""))
+        for problem, paths in bad.items():  # "skipped 3 unreadable images: ...", "skipped 1 image over N pixels: ..."
+            what = f"image{'s' * (len(paths) > 1)}"
+            what = f"{problem} {what}" if problem == "unreadable" else f"{what} {problem}"
+            self.print(f"skipped {len(paths)} {what}: " + ", ".join(p.name for p in paths[:5])
+                       + (", ..." if len(paths) > 5 else ""))
         if not self.items:
-            raise UserError(f"--data {args.data}: none of the {len(bad)} images could be read")
+            raise UserError(f"--data {args.data}: none of the {len(items)} images can be used ("
+                            + "; ".join(f"{problem}: {', '.join(str(p) for p in paths[:3])}"
+                                        + (" ..." if len(paths) > 3 else "") for problem, paths in bad.items()) + ")")
         self.start, self.bad_steps, self.stop_requested, self.stop = 1, 0, False, False
 
     def merge_args(self, saved: dict, given: argparse.Namespace, explicit: set[str]) -> argparse.Namespace:

@@ -124,6 +124,31 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, capsys):
     assert len(losses(tmp_path / "out")) == 2
 
 
+def test_bad_captions_huge_and_all_bad_images_are_one_line(tmp_path, capsys, monkeypatch):
+    make_images(tmp_path / "d", 4)
+    argv = ["--steps", "1"] + FAST
+    (tmp_path / "d" / "img00.txt").write_bytes(b"caf\xe9 latin-1")  # not UTF-8
+    with pytest.raises(SystemExit, match=r"img00.txt: not UTF-8 text .* re-save it as UTF-8"):
+        train.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "a")] + argv)
+    (tmp_path / "d" / "img00.txt").write_text("a caption")
+    monkeypatch.setattr(data, "MAX_PIXELS", 40 * 40)  # the 40x48 and 40x56 pictures are now too large
+    train.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "b")] + argv)
+    assert "skipped 2 images over 1,600 pixels: img02.png, img01.png" in capsys.readouterr().out
+    for i, name in enumerate(make_images(tmp_path / "d", 4)):
+        (tmp_path / "d" / name).write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match=r"none of the 4 images can be used \(unreadable: .*img00.jpg"):
+        train.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "c")] + argv)
+
+
+def test_a_long_strip_is_cropped_to_4_to_1_before_resizing(tmp_path):
+    """A 2x400 strip would be resized to 16x3200 pixels (a 1x200,000 one to gigabytes): its centre 2x8 is kept."""
+    arr = np.zeros((400, 2, 3), dtype=np.uint8)
+    arr[196:204] = 255  # the centre 8 rows white, the rest black
+    Image.fromarray(arr).save(tmp_path / "strip.png")
+    x = data.load_image(tmp_path / "strip.png", 16)
+    assert x.shape == (3, 16, 16) and x.min() > 0.9  # all of it from the white centre
+
+
 def test_image_unreadable_at_run_time_is_replaced_by_the_next(tmp_path, capsys):
     make_images(tmp_path / "d", 3)
     items, _ = data.find_images(tmp_path / "d")
