@@ -100,6 +100,27 @@ def test_channels_last_weights_give_the_same_output(name):
     assert list(model.state_dict()) == list(randomize_(UNetModel(UNET_NARROW[name])).state_dict())
 
 
+@pytest.mark.parametrize("name", ["sd1", "sd2"])
+def test_sizes_that_do_not_halve_evenly_match_diffusers(name):
+    """A latent side that is not a multiple of 8 (sample.py --height 520 -> 65 -> 33 -> 17 -> 9): each Upsample goes
+    to its skip connection's size, as diffusers' forward_upsample_size does. diffusers (a dev dependency) runs here
+    on the same weights, put into its layout by its own converter's key map (unet_diffusers_keys.json)."""
+    from diffusers import UNet2DConditionModel
+    config = json.loads((FIXTURES / "unet_diffusers_configs.json").read_text())[name]
+    mapping = json.loads((FIXTURES / "unet_diffusers_keys.json").read_text())
+    ours = randomize_(UNetModel(UNET_NARROW[name])).eval()
+    theirs = UNet2DConditionModel(**config).eval()
+    theirs.load_state_dict({d: ours.state_dict()[o] for d, o in mapping.items()}, strict=True)
+    g = torch.Generator().manual_seed(3)
+    for H, W in ((17, 13), (9, 21)):
+        x = torch.randn(2, UNET_NARROW[name].in_channels, H, W, generator=g)
+        t, ctx = torch.tensor([999.0, 37.0]), torch.randn(2, 77, UNET_NARROW[name].context_dim, generator=g)
+        with torch.no_grad():
+            out, ref = ours(x, t, ctx), theirs(x, t, encoder_hidden_states=ctx).sample
+        assert out.shape == x.shape
+        torch.testing.assert_close(out, ref, **parity_tolerance(ref))
+
+
 def test_scalar_timestep_broadcasts():
     model = randomize_(UNetModel(PRESETS["tiny"])).eval()
     x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32)
@@ -142,10 +163,11 @@ def test_config_from_diffusers():
         assert config_from_diffusers(fixture_cfgs[name]) == replace(cfg, image_size=fixture_cfgs[name]["sample_size"])
 
 
-def test_gradient_checkpointing_same_output_and_grads():
+@pytest.mark.parametrize("size", [(16, 16), (9, 13)])  # (9, 13): the Upsample's size outside the recomputation
+def test_gradient_checkpointing_same_output_and_grads(size):
     cfg = replace(PRESETS["tiny"], dropout=0.1)
     model = randomize_(UNetModel(cfg)).train()
-    x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 5, 32)
+    x, ctx = torch.randn(2, 4, *size), torch.randn(2, 5, 32)
     results = []
     for use_checkpoint in (False, True):
         model.cfg.use_checkpoint = use_checkpoint
