@@ -457,47 +457,49 @@ def tiled_rows(model: ldm.LatentDiffusion, S: Settings, table: Table, device: to
     print("  (the tiled-decode rows compare ldm --tile 64 with ldm untiled, not diffusers)")
 
 
+def time_training(model: ldm.LatentDiffusion, unet, fwd, S: Settings, device: torch.device,
+                  channels_last: bool = False, steps: int = 10) -> tuple[float, float]:
+    """(images/s, peak GiB) of train.py's U-Net step (ldm.diffusion_loss, backward, clipping, fused AdamW, EMA) on
+    random latents and contexts of the training shapes, after 3 warm-up steps."""
+    reset_peak(device)
+    torch.manual_seed(0)
+    B, h = S.train_batch, S.train_size // model.downsample_factor
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(S.train_precision)
+    z0 = torch.randn(B, model.latent_channels, h, h, device=device)
+    if channels_last:
+        z0 = z0.to(memory_format=torch.channels_last)
+    context = torch.randn(B, 77, model.unet.cfg.context_dim, device=device)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=device.type == "cuda")
+    ema = [p.detach().clone() for p in params]
+
+    def step():
+        t = torch.randint(0, 1000, (B,), device=device)
+        noise = torch.randn_like(z0)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = ldm.diffusion_loss(model, fwd, z0, noise, t, context)  # train.py's loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch._foreach_lerp_(ema, [p.detach() for p in params], 1e-4)
+
+    for _ in range(3):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return B * steps / (time.perf_counter() - start), peak_gib(device)
+
+
 def bench_train(args, S: Settings, table: Table, device: torch.device):
     """train.py's U-Net step (forward, loss, backward, clipping, AdamW, EMA) on cached latents (random latents and
     contexts of the right shapes); diffusers' U-Net of the same architecture in the same loop."""
     model = ldm.build_model(S.train_config, device="meta")  # for its configs only
-    unet_cfg, f = model.unet.cfg, model.downsample_factor
-    h = S.train_size // f
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(S.train_precision)
+    unet_cfg, h = model.unet.cfg, S.train_size // model.downsample_factor
     model.alphas_cumprod = model.alphas_cumprod.to(device)  # the schedule is real even in a meta-built model
-
-    def run(unet, fwd, checkpointing: bool, channels_last: bool = False, steps: int = 10) -> tuple[float, float]:
-        reset_peak(device)
-        torch.manual_seed(0)
-        B = S.train_batch
-        z0 = torch.randn(B, model.latent_channels, h, h, device=device)
-        if channels_last:
-            z0 = z0.to(memory_format=torch.channels_last)
-        context = torch.randn(B, 77, unet_cfg.context_dim, device=device)
-        params = [p for p in unet.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=device.type == "cuda")
-        ema = [p.detach().clone() for p in params]
-
-        def step():
-            t = torch.randint(0, 1000, (B,), device=device)
-            noise = torch.randn_like(z0)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = ldm.diffusion_loss(model, fwd, z0, noise, t, context)  # train.py's loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1e-4)
-
-        for _ in range(3):
-            step()
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync(device)
-        sec = (time.perf_counter() - start) / steps
-        return B / sec, peak_gib(device)
 
     steps = 10 if device.type == "cuda" else 3
     results = {}
@@ -506,7 +508,7 @@ def bench_train(args, S: Settings, table: Table, device: torch.device):
         with torch.device(device):
             unet = type(model.unet)(unet_cfg).train()
         unet.cfg.use_checkpoint = ckpt
-        results["ldm", ckpt] = run(unet, unet, ckpt, steps=steps)
+        results["ldm", ckpt] = time_training(model, unet, unet, S, device, steps=steps)
         print(f"  ldm grad checkpointing {ckpt}: {results['ldm', ckpt][0]:.2f} images/s, "
               f"peak {results['ldm', ckpt][1]:.2f} GiB", flush=True)
         del unet
@@ -520,7 +522,7 @@ def bench_train(args, S: Settings, table: Table, device: torch.device):
             if ckpt:
                 unet.enable_gradient_checkpointing()
             fwd = lambda x, t, c, unet=unet: unet(x, t, encoder_hidden_states=c).sample  # noqa: E731
-            results["diffusers", ckpt] = run(unet, fwd, ckpt, steps=steps)
+            results["diffusers", ckpt] = time_training(model, unet, fwd, S, device, steps=steps)
             print(f"  diffusers grad checkpointing {ckpt}: {results['diffusers', ckpt][0]:.2f} images/s, "
                   f"peak {results['diffusers', ckpt][1]:.2f} GiB", flush=True)
             del unet, fwd
@@ -530,13 +532,13 @@ def bench_train(args, S: Settings, table: Table, device: torch.device):
             unet = type(model.unet)(unet_cfg).train()
         unet.cfg.use_checkpoint = False
         unet.to(memory_format=torch.channels_last)
-        results["ldm cl", False] = run(unet, unet, False, channels_last=True, steps=steps)
+        results["ldm cl", False] = time_training(model, unet, unet, S, device, channels_last=True, steps=steps)
         print(f"  ldm channels_last: {results['ldm cl', False][0]:.2f} images/s, "
               f"peak {results['ldm cl', False][1]:.2f} GiB", flush=True)
         if args.compile:
             start = time.time()
             unet.compile(dynamic=False)
-            results["ldm compiled", False] = run(unet, unet, False, channels_last=True, steps=steps)
+            results["ldm compiled", False] = time_training(model, unet, unet, S, device, True, steps)
             print(f"  ldm channels_last + compile: {results['ldm compiled', False][0]:.2f} images/s, peak "
                   f"{results['ldm compiled', False][1]:.2f} GiB (compile and run {time.time() - start:.0f} s)",
                   flush=True)
