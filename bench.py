@@ -14,10 +14,38 @@ printed.
 """
 
 import argparse
+import os
+
+import cli
+
+NAMES = ("sample", "unet", "vae", "train", "load")  # the benchmarks, in the order they run (load writes 4 GB first)
+DESCRIPTION = ("Benchmarks this project against diffusers at identical settings and on the very same random weights "
+               "(SD 1.5 layout, written once into --workdir; nothing is downloaded), and prints one table: seconds "
+               "per image, U-Net milliseconds per step and TFLOP/s, VAE decode time and tiled-decode memory, "
+               "training images/s and peak memory, checkpoint load time and peak RAM. Without diffusers installed "
+               "only this project's column is filled.")
+
+
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = cli.Parser(description=DESCRIPTION, formatter_class=cli.HelpFormatter)
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--only", nargs="+", choices=NAMES, metavar="NAME",
+                   help=f"run only these benchmarks, of: {', '.join(NAMES)} (default: all)")
+    p.add_argument("--compile", action="store_true", help="add torch.compile rows (CUDA; minutes of compile time)")
+    p.add_argument("--workdir", default=os.environ.get("LDM_BENCH_DIR", "/tmp/ldm-bench"),
+                   help="where the random full-size checkpoints are written (6 GB)")
+    p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    return p
+
+
+if __name__ == "__main__":
+    make_parser().parse_args()  # --help and usage errors answer at once, before torch's seconds-long import
+
 import contextlib
 import gc
 import importlib.util
-import os
 import subprocess
 import sys
 import time
@@ -29,7 +57,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import checkpoint
-import cli
 import ldm
 
 HERE = Path(__file__).resolve().parent
@@ -559,26 +586,11 @@ def bench_train(args, S: Settings, table: Table, device: torch.device):
     print(f"  gradient checkpointing costs ldm {cost:.0%} of its throughput")
 
 
-# name -> benchmark, in the order they run (load last: it writes a 4 GB file first)
 BENCHMARKS = {"sample": bench_sample, "unet": bench_unet, "vae": bench_vae, "train": bench_train, "load": bench_load}
-DESCRIPTION = ("Benchmarks this project against diffusers at identical settings and on the very same random weights "
-               "(SD 1.5 layout, written once into --workdir; nothing is downloaded), and prints one table: seconds "
-               "per image, U-Net milliseconds per step and TFLOP/s, VAE decode time and tiled-decode memory, "
-               "training images/s and peak memory, checkpoint load time and peak RAM. Without diffusers installed "
-               "only this project's column is filled.")
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=cli.HelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--only", nargs="+", choices=list(BENCHMARKS), metavar="NAME",
-                   help=f"run only these benchmarks, of: {', '.join(BENCHMARKS)} (default: all)")
-    p.add_argument("--compile", action="store_true", help="add torch.compile rows (CUDA; minutes of compile time)")
-    p.add_argument("--workdir", default=os.environ.get("LDM_BENCH_DIR", "/tmp/ldm-bench"),
-                   help="where the random full-size checkpoints are written (6 GB)")
-    p.add_argument("--out", default=None, help="also write the table to this markdown file")
-    args = p.parse_args(argv)
-    device = torch.device(args.device)
+    args = make_parser().parse_args(argv)
+    assert tuple(BENCHMARKS) == NAMES
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     S = GPU if device.type == "cuda" else CPU
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     versions = f"torch {torch.__version__}"
