@@ -299,6 +299,29 @@ def test_signal_finishes_the_step_saves_and_exits_0(tmp_path, sig):
     assert "continue with --resume" in output
 
 
+def test_a_second_ctrl_c_stops_at_once_with_one_line(tmp_path, capsys, monkeypatch):
+    """The first Ctrl-C lets the step finish and save; a second one during that step stops at once: one line (no
+    traceback), exit 130, the checkpoints written so far intact."""
+    make_images(tmp_path / "d", 8)
+    out = tmp_path / "out"
+    real = train.forward_backward
+
+    def interrupted_twice(t, step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # handled at once: the step goes on, to be saved
+            os.kill(os.getpid(), signal.SIGINT)  # raises KeyboardInterrupt here
+        return real(t, step)
+
+    monkeypatch.setattr(train, "forward_backward", interrupted_twice)
+    argv = ["--data", str(tmp_path / "d"), "--out", str(out), "--steps", "10"] + FAST + ["--save-every", "1"]
+    assert cli.run(train.main, argv, interrupted="interrupted: the checkpoints are intact") == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "interrupted: the checkpoints are intact"
+    assert [p.name for p in runs.list_checkpoints(out)][:1] == ["ckpt-0000002.pt"] and not list(out.glob("*.tmp"))
+    assert torch.load(runs.list_checkpoints(out)[0], weights_only=True)["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handlers are gone
+
+
 def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     make_images(tmp_path / "d", 4)
     out = tmp_path / "out"
