@@ -16,6 +16,10 @@ class UserError(SystemExit):
         super().__init__(" ".join(str(message).removeprefix("error: ").split()))
 
 
+STOPPED_TRAINING = ("interrupted: stopped without saving this step; the last checkpoint is intact (continue with "
+                    "--resume)")
+
+
 def run(main, argv: list[str] = None, *, errors: tuple = (), interrupted: str = "interrupted",
         out_of_memory: str = "") -> int:
     """Call main(argv) and turn the ways it can fail into one line and an exit status: UserError and `errors` (the

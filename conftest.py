@@ -12,3 +12,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def ldm_home(tmp_path, monkeypatch):
+    """Keep the download cache and its hash index inside each test's folder, and no download source set."""
+    monkeypatch.setenv("LDM_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LDM_MODEL_URL", raising=False)
+    monkeypatch.delenv("LDM_MODEL_SHA256", raising=False)
+    return tmp_path / "home"

@@ -32,15 +32,6 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 
-@pytest.fixture(autouse=True)
-def ldm_home(tmp_path, monkeypatch):
-    """Keep the hash cache and any download inside the test's folder."""
-    monkeypatch.setenv("LDM_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("LDM_MODEL_URL", raising=False)
-    monkeypatch.delenv("LDM_MODEL_SHA256", raising=False)
-    return tmp_path / "home"
-
-
 def cli(*args, cwd, env=None):
     """Run sample.py in a fresh interpreter (one thread: the test machine may be busy)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}

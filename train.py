@@ -15,7 +15,7 @@ DDP and signals: see runs.py.
 import argparse
 import sys
 
-from cli import HelpFormatter, Parser, UserError, add_run_flags, parse_run_args, run
+from cli import STOPPED_TRAINING, HelpFormatter, Parser, UserError, add_run_flags, parse_run_args, run
 
 # Defaults by model size ("tiny": CPU-sized, learns in a few dozen steps; "sd": SD 1.x/2.x-sized fine-tuning).
 DEFAULTS = {
@@ -418,11 +418,11 @@ def train(t: Training):
 
 
 def main(argv: list[str] = None):
+    """The script, for a list of flags (as the command line gives them)."""
     train(setup(*parse_run_args(make_parser, argv)))
 
 
 if __name__ == "__main__":
-    sys.exit(run(main, errors=(CheckpointError,), out_of_memory="try a smaller --batch-size (with --grad-accum), "
-                 "--grad-checkpointing, --precision bf16 or --cache-latents",
-                 interrupted="interrupted: stopped without saving this step; the last checkpoint is intact "
-                             "(continue with --resume)"))
+    sys.exit(run(main, errors=(CheckpointError,), interrupted=STOPPED_TRAINING,
+                 out_of_memory="try a smaller --batch-size (with --grad-accum), "
+                 "--grad-checkpointing, --precision bf16 or --cache-latents"))

@@ -14,7 +14,7 @@ DDP and signals: see runs.py.
 import argparse
 import sys
 
-from cli import HelpFormatter, Parser, UserError, add_run_flags, parse_run_args, run
+from cli import STOPPED_TRAINING, HelpFormatter, Parser, UserError, add_run_flags, parse_run_args, run
 
 # The LDM first-stage configs: Adam(0.5, 0.9), no warm-up or clipping, and for SD-sized presets lr = 4.5e-6 * global
 # batch (base_learning_rate scaling). Tiny presets learn 64px images in minutes at 1e-3.
@@ -334,11 +334,11 @@ def train(t: Training):
 
 
 def main(argv: list[str] = None):
+    """The script, for a list of flags (as the command line gives them)."""
     train(setup(*parse_run_args(make_parser, argv)))
 
 
 if __name__ == "__main__":
-    sys.exit(run(main, errors=(CheckpointError,), out_of_memory="try a smaller --batch-size (with --grad-accum) "
-                 "or --precision bf16",
-                 interrupted="interrupted: stopped without saving this step; the last checkpoint is intact "
-                             "(continue with --resume)"))
+    sys.exit(run(main, errors=(CheckpointError,), interrupted=STOPPED_TRAINING,
+                 out_of_memory="try a smaller --batch-size (with --grad-accum) "
+                 "or --precision bf16"))
