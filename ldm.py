@@ -516,7 +516,7 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] 
     (tensors are the state dict's own, no copies) and its config (prediction_type None: not yet decided)."""
     metadata = metadata or {}
     if "ldm_config" in metadata:  # written by save_model: the config the weights cannot reveal
-        cfg = json.loads(metadata["ldm_config"])
+        cfg = checkpoint.json_metadata(metadata, "ldm_config", path, required=("unet", "vae", "text"))
     else:
         layout = detect_layout(sd, path)
         if layout == "vae":
@@ -530,7 +530,8 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] 
             cfg["prediction_type"] = None  # decided below
     if prediction_type:
         cfg["prediction_type"] = prediction_type
-    with torch.device("meta"):
+    damaged = checkpoint.metadata_errors(path, "ldm_config") if "ldm_config" in metadata else contextlib.nullcontext()
+    with damaged, torch.device("meta"):  # a damaged ldm_config fails in here, as one line
         model = build_model(cfg, prediction_type=cfg["prediction_type"] or "eps")
     parts = split_checkpoint(sd, path)
     text_name = model.text_encoder.cfg.layout
@@ -550,13 +551,13 @@ def model_from_training_checkpoint(state: dict, path: Path, prediction_type: str
     if "unet" not in state:
         raise CheckpointError(f"{path}: a train_vae.py checkpoint (an autoencoder); pass it as --vae, or load it with "
                               "vae.load_autoencoder")
-    cfg = json.loads(state["model_config"])
-    cfg["prediction_type"] = prediction_type or cfg["prediction_type"]
-    with torch.device("meta"):
+    cfg = checkpoint.json_metadata(state, "model_config", path, required=("unet", "vae", "text"))
+    with checkpoint.metadata_errors(path, "model_config"), torch.device("meta"):
+        cfg["prediction_type"] = prediction_type or cfg["prediction_type"]
         model = build_model(cfg)
     checkpoint.load_strict(model.unet, state["ema"] if weights == "ema" and "ema" in state else state["unet"],
                            f"{path} (U-Net)")
-    args = state["args"]
+    args = state["args"] if isinstance(state.get("args"), dict) else {}
     base = None
     if "text_encoder" not in state or ("vae" not in state and not args.get("vae")):
         if not args.get("ckpt") or not Path(args["ckpt"]).exists():
@@ -581,20 +582,22 @@ def _load_diffusers_folder(path: Path, prediction_type):
         cfg_file = folder / "config.json"
         if not cfg_file.exists():
             raise CheckpointError(f"{path}: diffusers folder without {name}/config.json")
+        config = checkpoint.read_json(cfg_file)
         for fname in ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
                       "pytorch_model.bin", "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors"):
             if (folder / fname).exists():
-                return json.loads(cfg_file.read_text()), checkpoint.read_checkpoint(folder / fname)[0]
+                return config, checkpoint.read_checkpoint(folder / fname)[0]
         raise CheckpointError(f"{path}: no weights file in {name}/ (looked for *.safetensors and *.bin)")
 
     unet_json, unet_sd = part("unet")
     vae_json, vae_sd = part("vae")
     text_json, text_sd = part("text_encoder")
-    unet_cfg = unet_lib.config_from_diffusers(unet_json)
-    vae_cfg = vae_lib.config_from_diffusers(vae_json)  # its scale factor is the folder's scaling_factor
-    text_cfg = clip.config_from_diffusers(text_json)
+    with checkpoint.metadata_errors(path, "config.json"):  # a config.json that does not describe such a model
+        unet_cfg = unet_lib.config_from_diffusers(unet_json)
+        vae_cfg = vae_lib.config_from_diffusers(vae_json)  # its scale factor is the folder's scaling_factor
+        text_cfg = clip.config_from_diffusers(text_json)
     scheduler = path / "scheduler" / "scheduler_config.json"
-    sched = json.loads(scheduler.read_text()) if scheduler.exists() else {}
+    sched = checkpoint.read_json(scheduler) if scheduler.exists() else {}
     pred = {"epsilon": "eps", "v_prediction": "v"}.get(sched.get("prediction_type", "epsilon"), "eps")
     tokenizer = clip.Tokenizer.from_diffusers(path / "tokenizer") if (path / "tokenizer").exists() else None
     cfg = dict(unet=asdict(unet_cfg), vae=asdict(vae_cfg), text=asdict(text_cfg),
@@ -623,6 +626,9 @@ def load_model(path: str | os.PathLike = None, *, device=None, dtype=None,
         raise ValueError(f"prediction_type must be 'eps' or 'v', got {prediction_type!r}")
     if path.is_dir() and checkpoint.run_file(path):  # a train.py run folder
         path = checkpoint.run_file(path)
+    if path.is_dir() and not (path / "unet").is_dir():
+        raise CheckpointError(f"{path}: a folder that is neither a training run (no final.safetensors or "
+                              "ckpt-*.pt in it) nor a diffusers pipeline (no unet/ in it); pass a checkpoint file")
     if path.is_dir():
         model, cfg = _load_diffusers_folder(path, prediction_type)
     elif not path.exists():

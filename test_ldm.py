@@ -176,6 +176,37 @@ def test_save_model_load_model_round_trip(tmp_path):
     torch.testing.assert_close(sample_tensor(loaded), sample_tensor(model), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("damage, expect", [
+    (lambda cfg: "{not json", "not JSON"),
+    (lambda cfg: json.dumps({**cfg, "unet": {**cfg["unet"], "bogus_field": 1}}), "TypeError"),
+    (lambda cfg: json.dumps({k: v for k, v in cfg.items() if k != "vae"}), "no vae"),
+    (lambda cfg: json.dumps({k: v for k, v in cfg.items() if k != "prediction_type"}), "KeyError"),
+    (lambda cfg: json.dumps([1, 2]), "not a JSON object"),
+])
+def test_damaged_ldm_config_metadata_is_one_line(tmp_path, damage, expect):
+    model = tiny_model()
+    tensors = {k: v.detach() for k, v in model.checkpoint_state_dict().items()}
+    path = tmp_path / "damaged.safetensors"
+    checkpoint.save_safetensors(path, tensors, {"ldm_config": damage(model.model_config())})
+    with pytest.raises(CheckpointError) as e:
+        ldm.load_model(path, device="cpu")
+    message = str(e.value)
+    assert "\n" not in message and message.startswith(f"{path}: damaged metadata ldm_config")
+    assert expect in message and "re-export the model" in message
+
+
+def test_a_folder_of_something_else_says_what_it_looked_for(tmp_path):
+    with pytest.raises(CheckpointError, match="neither a training run .* nor a diffusers pipeline"):
+        ldm.load_model(tmp_path, device="cpu")
+
+
+def test_damaged_diffusers_config_json_is_one_line(tmp_path):
+    (tmp_path / "pipe" / "unet").mkdir(parents=True)
+    (tmp_path / "pipe" / "unet" / "config.json").write_text("{ truncated")
+    with pytest.raises(CheckpointError, match=r"unet/config.json: not a JSON file"):
+        ldm.load_model(tmp_path / "pipe", device="cpu")
+
+
 def test_save_model_half_precision_round_trips(tmp_path):
     model = tiny_model()
     path, full = tmp_path / "tiny-fp16.safetensors", tmp_path / "tiny.safetensors"

@@ -7,7 +7,6 @@ are converted by short loop-built tables at the bottom of this file.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -564,6 +563,11 @@ def config_from_diffusers(config: dict) -> AutoencoderConfig:
         scale_factor=float(config.get("scaling_factor", 0.18215)))
 
 
+def config_from_dict(fields: dict) -> AutoencoderConfig:
+    """An AutoencoderConfig from its asdict() form as stored in JSON (lists back to tuples)."""
+    return AutoencoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
 def load_autoencoder(path: str | os.PathLike, *, device: torch.device | str | None = None,
                      dtype: torch.dtype | None = None) -> AutoencoderKL | VQModel:
     """Load a standalone VAE file (.safetensors/.ckpt), the first stage of an LDM/SD checkpoint, a diffusers `vae/`
@@ -576,14 +580,15 @@ def load_autoencoder(path: str | os.PathLike, *, device: torch.device | str | No
     if (state := checkpoint.read_training_checkpoint(path)) is not None:  # a train_vae.py ckpt-<step>.pt
         if "autoencoder" not in state:
             raise checkpoint.CheckpointError(f"{path}: a train.py checkpoint (a U-Net run), not an autoencoder's")
-        fields = json.loads(state["vae_config"])
-        cfg = AutoencoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        with checkpoint.metadata_errors(path, "vae_config"):
+            cfg = config_from_dict(checkpoint.json_metadata(state, "vae_config", path))
         return autoencoder_from_state_dict(state["autoencoder"], cfg, what=str(path)).to(device=device, dtype=dtype)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise checkpoint.CheckpointError(f"{path}: a folder without config.json; pass a VAE file or a diffusers "
                                              "vae/ folder")
-        cfg = config_from_diffusers(json.loads((path / "config.json").read_text()))
+        with checkpoint.metadata_errors(path, "config.json"):
+            cfg = config_from_diffusers(checkpoint.read_json(path / "config.json"))
         files = [path / n for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
                  if (path / n).exists()]
         if not files:
@@ -596,8 +601,8 @@ def load_autoencoder(path: str | os.PathLike, *, device: torch.device | str | No
             state_dict = {k[len("first_stage_model."):]: v for k, v in state_dict.items()
                           if k.startswith("first_stage_model.")}
     if cfg is None and "vae_config" in metadata:  # written by train_vae.py: exact sizes and scale
-        fields = json.loads(metadata["vae_config"])
-        cfg = AutoencoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        with checkpoint.metadata_errors(path, "vae_config"):
+            cfg = config_from_dict(checkpoint.json_metadata(metadata, "vae_config", path))
     model = autoencoder_from_state_dict(state_dict, cfg, what=str(path))
     if "scale_factor" in metadata:
         model.scale_factor = float(metadata["scale_factor"])
