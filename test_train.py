@@ -279,7 +279,8 @@ def test_cached_latents_train_like_encoding_every_step(tmp_path):
     np.testing.assert_allclose(losses(tmp_path / "cached"), losses(tmp_path / "live"), rtol=1e-5)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+# SIGINT's handler is the same one (and test_a_second_ctrl_c_... sends it in-process): its subprocess run is slow-only
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGTERM])
 def test_signal_finishes_the_step_saves_and_exits_0(tmp_path, sig):
     make_images(tmp_path / "d", 8)
     out = tmp_path / "out"

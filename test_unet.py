@@ -112,13 +112,13 @@ def test_sizes_that_do_not_halve_evenly_match_diffusers(name):
     theirs = UNet2DConditionModel(**config).eval()
     theirs.load_state_dict({d: ours.state_dict()[o] for d, o in mapping.items()}, strict=True)
     g = torch.Generator().manual_seed(3)
-    for H, W in ((17, 13), (9, 21)):
-        x = torch.randn(2, UNET_NARROW[name].in_channels, H, W, generator=g)
-        t, ctx = torch.tensor([999.0, 37.0]), torch.randn(2, 77, UNET_NARROW[name].context_dim, generator=g)
-        with torch.no_grad():
-            out, ref = ours(x, t, ctx), theirs(x, t, encoder_hidden_states=ctx).sample
-        assert out.shape == x.shape
-        torch.testing.assert_close(out, ref, **parity_tolerance(ref))
+    H, W = (17, 13) if name == "sd1" else (9, 21)  # odd at every level, or at some
+    x = torch.randn(1, UNET_NARROW[name].in_channels, H, W, generator=g)
+    t, ctx = torch.tensor([37.0]), torch.randn(1, 77, UNET_NARROW[name].context_dim, generator=g)
+    with torch.no_grad():
+        out, ref = ours(x, t, ctx), theirs(x, t, encoder_hidden_states=ctx).sample
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, ref, **parity_tolerance(ref))
 
 
 def test_scalar_timestep_broadcasts():
