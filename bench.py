@@ -18,7 +18,7 @@ import os
 
 import cli
 
-NAMES = ("sample", "unet", "vae", "train", "load")  # the benchmarks, in the order they run (load writes 4 GB first)
+NAMES = ("sample", "unet", "vae", "train", "load", "samplers")  # in the order they run (load writes 4 GB first)
 DESCRIPTION = ("Benchmarks this project against diffusers at identical settings and on the very same random weights "
                "(SD 1.5 layout, written once into --workdir; nothing is downloaded), and prints one table: seconds "
                "per image, U-Net milliseconds per step and TFLOP/s, VAE decode time and tiled-decode memory, "
@@ -37,6 +37,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=os.environ.get("LDM_BENCH_DIR", "/tmp/ldm-bench"),
                    help="where the random full-size checkpoints are written (6 GB)")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    p.add_argument("--ckpt", help="a trained model for the samplers benchmark, e.g. runs/emoji-ldm (the samplers row "
+                                  "runs only with it)")
+    p.add_argument("--prompts", nargs="+", default=["an emoji of a red apple", "an emoji of a grinning face",
+                                                    "an emoji of a red heart", "an emoji of a sun"],
+                   help="prompts of the samplers benchmark")
     return p
 
 
@@ -137,10 +142,11 @@ def nbytes(module: torch.nn.Module) -> int:
 
 
 class Table:
-    """Rows of (measurement, ours, diffusers, unit); the ratio says how many times better this project is."""
+    """Rows of (measurement, ours, diffusers, unit); the ratio says how many times better this project is. `extra`:
+    tables of their own (the samplers' accuracy), printed after it."""
 
     def __init__(self):
-        self.rows = []
+        self.rows, self.extra = [], []
 
     def add(self, what: str, ours: float = None, theirs: float = None, unit: str = "", lower_is_better=True):
         self.rows.append((what, ours, theirs, unit, lower_is_better))
@@ -586,7 +592,45 @@ def bench_train(args, S: Settings, table: Table, device: torch.device):
     print(f"  gradient checkpointing costs ldm {cost:.0%} of its throughput")
 
 
-BENCHMARKS = {"sample": bench_sample, "unet": bench_unet, "vae": bench_vae, "train": bench_train, "load": bench_load}
+STEP_COUNTS = (10, 15, 20, 30, 50)
+
+
+def bench_samplers(args, S: Settings, table: Table, device: torch.device):
+    """Accuracy, not speed: how close each deterministic sampler's images come, at 10 to 50 steps, to a 1,000-step
+    DPM++ 2M solution of the same ODE from the same noise (RMS over pixels in [0, 1], the prompts x 2 seeds), and at
+    how many steps it gets as close as DDIM at 50. The ancestral and SDE samplers draw fresh noise every step, so
+    they converge to other images and are left out."""
+    if not args.ckpt:
+        print("  samplers: pass --ckpt a trained model (e.g. runs/emoji-ldm from the README's quick start)")
+        return
+    model = ldm.load_model(args.ckpt, device=device, dtype=torch.float32)
+
+    def images(sampler: str, scheduler: str, steps: int) -> torch.Tensor:
+        return torch.cat([ldm.sample(model, args.prompts, seed=seed, steps=steps, sampler=sampler,
+                                     scheduler=scheduler, guidance_scale=3.0, output_type="tensor", progress=False)
+                          for seed in (0, 1000)]).clamp(-1, 1) / 2 + 0.5
+
+    reference = images("dpmpp_2m", "normal", 1000)
+    rows = {("ddim", "-"): {n: images("ddim", "normal", n) for n in STEP_COUNTS}}
+    for sampler in ("euler", "heun", "lms", "dpmpp_2m"):
+        for scheduler in ldm.SCHEDULERS:
+            rows[sampler, scheduler] = {n: images(sampler, scheduler, n) for n in STEP_COUNTS}
+            print(f"  {sampler} {scheduler} done", flush=True)
+    errors = {key: {n: (x - reference).pow(2).mean().sqrt().item() for n, x in runs.items()}
+              for key, runs in rows.items()}
+    ddim50 = errors["ddim", "-"][50]
+    lines = ["| sampler | schedule | " + " | ".join(f"{n} steps" for n in STEP_COUNTS) + " | as close as DDIM-50 at |",
+             "|---|---|" + "---|" * (len(STEP_COUNTS) + 1)]
+    for (sampler, scheduler), errs in errors.items():
+        reach = next((f"{n} steps" for n in STEP_COUNTS if errs[n] <= ddim50), "> 50 steps")
+        lines.append(f"| {sampler} | {scheduler} | " + " | ".join(f"{errs[n]:.4f}" for n in STEP_COUNTS)
+                     + f" | {reach} |")
+    table.extra.append(f"Samplers on {args.ckpt} (CFG 3, {len(args.prompts)} prompts x 2 seeds, {model.resolution}px), "
+                       "RMS error against a 1,000-step DPM++ 2M solution:\n\n" + "\n".join(lines))
+
+
+BENCHMARKS = {"sample": bench_sample, "unet": bench_unet, "vae": bench_vae, "train": bench_train, "load": bench_load,
+              "samplers": bench_samplers}
 def main(argv=None):
     args = make_parser().parse_args(argv)
     assert tuple(BENCHMARKS) == NAMES
@@ -603,7 +647,8 @@ def main(argv=None):
         if what in (args.only or BENCHMARKS):
             print(f"[{what}]", flush=True)
             bench(*((args, S, table) if what == "load" else (args, S, table, device)))
-    text = f"{name}; {versions}\n\n{table.markdown()}\n"
+    text = f"{name}; {versions}\n\n" + (f"{table.markdown()}\n" if table.rows else "") + "".join(
+        f"\n{extra}\n" for extra in table.extra)
     print("\n" + text)
     if args.out:
         Path(args.out).write_text(text)

@@ -100,7 +100,12 @@ def parse_run_args(make_parser, argv: list[str] = None) -> tuple[argparse.Namesp
     args = parser.parse_args(argv)
     if args.data is None and not args.resume:
         parser.error("the following arguments are required: --data (unless --resume continues a run)")
-    explicit = make_parser()
-    for action in explicit._actions:
+    return args, explicit_flags(make_parser, argv)
+
+
+def explicit_flags(make_parser, argv: list[str] = None) -> set[str]:
+    """The destinations of the flags given on the command line (not defaults): a second parse without defaults."""
+    parser = make_parser()
+    for action in parser._actions:
         action.default, action.required = argparse.SUPPRESS, False
-    return args, set(vars(explicit.parse_args(argv)))
+    return set(vars(parser.parse_args(argv)))

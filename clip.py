@@ -9,21 +9,40 @@ Text encoders, parameter names mirroring the public single-file checkpoints:
 - `OpenCLIPTextModel` (SD2, OpenCLIP ViT-H/14 text tower): keys of an SD2 file minus `cond_stage_model.model.`,
   fused `in_proj_weight` attention, conditioning taken from the penultimate block.
 `convert_diffusers` maps a diffusers `text_encoder/` state dict (transformers layout) onto these names.
+Both take `clip_skip` (A1111's "Clip skip": N = the hidden states N - 1 blocks before the usual layer, then the final
+LayerNorm) and `fixes` (vectors that replace token embedding rows: textual-inversion embeddings).
+
+Prompts, as AUTOMATIC1111's web UI reads them with its "Original" emphasis:
+- `parse_prompt_attention`: "(text)" x1.1, "[text]" /1.1, "(text:1.3)", nesting multiplies, "\\(" etc. literal,
+  BREAK starts a new chunk;
+- `PromptChunker`: text -> PromptChunks (tokens [k, 77], weights [k, 77], embedding fixes), 75 prompt tokens per
+  chunk, the comma rule at a chunk's end, textual-inversion names matched on token sequences; `.batch` pads a list
+  of prompts to one chunk count with empty-prompt chunks;
+- `encode_chunks`: all chunks through the text encoder, `apply_emphasis` (weights, then each chunk rescaled to its
+  unweighted mean, per prompt), concatenated to [B, 77 k, D];
+- `read_embedding` / `Embedding` / `ti_hashes`: A1111 .pt, .safetensors (emb_params) and diffusers learned_embeds
+  files, read with checkpoint's restricted readers; the sha256 shorthash A1111 writes as "TI hashes".
+The Tokenizer's own __call__ still cuts at 77 tokens (with a warning): training captions use it.
 """
 import gzip
+import hashlib
 import html
 import json
 import math
 import os
+import re
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import ftfy
 import regex
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import checkpoint
 
 # -------------------------------------------------------------------------------------------------------------------
 # Tokenizer
@@ -254,9 +273,28 @@ class ResidualAttentionBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def n_blocks_run(cfg: TextConfig) -> int:
+def n_blocks_run(cfg: TextConfig, clip_skip: int = 1) -> int:
+    """How many blocks run before the final LayerNorm. clip_skip (A1111's "Clip skip") counts back from the
+    model's usual layer: 1 = that layer (SD1: the last block, as transformers' hidden_states[-1]; SD2: the
+    penultimate one), N = N - 1 blocks earlier (SD1: hidden_states[-N]). At least one block must run."""
     assert cfg.layer in ("last", "penultimate"), cfg.layer
-    return cfg.layers - (cfg.layer == "penultimate")  # SD2 conditions on the output of the second-to-last block
+    usual = cfg.layers - (cfg.layer == "penultimate")  # SD2 conditions on the output of the second-to-last block
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= usual:
+        raise ValueError(f"clip_skip must be an integer from 1 (the model's usual layer) to {usual} (the first "
+                         f"block's output) for this {usual}-block text encoder, got {clip_skip!r}")
+    return usual - (clip_skip - 1)
+
+
+def replace_rows(x: torch.Tensor, fixes: list[list[tuple[int, torch.Tensor]]] | None) -> torch.Tensor:
+    """Token embeddings x [B, L, C] with rows replaced in place: fixes[b] lists (position, vectors [n, C]) pairs
+    whose n vectors become rows position .. position + n - 1 of prompt b (textual-inversion embeddings, put in
+    before the position embeddings are added, as A1111 does). None or empty lists: x unchanged."""
+    for b, row in enumerate(fixes or ()):
+        for position, vectors in row:
+            if not 0 <= position <= x.shape[1] - len(vectors):
+                raise ValueError(f"{len(vectors)} vectors at position {position} do not fit {x.shape[1]} tokens")
+            x[b, position:position + len(vectors)] = vectors.to(x)
+    return x
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -264,7 +302,8 @@ def n_blocks_run(cfg: TextConfig) -> int:
 
 
 class CLIPTextModel(nn.Module):
-    """SD1 text encoder. forward(tokens [B, 77]) -> final_layer_norm(hidden states) [B, 77, width]."""
+    """SD1 text encoder. forward(tokens [B, 77]) -> final_layer_norm(hidden states) [B, 77, width].
+    clip_skip and fixes: see n_blocks_run and replace_rows."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -276,16 +315,19 @@ class CLIPTextModel(nn.Module):
         self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.layers))))
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=1e-5)
 
-    def forward(self, tokens: torch.LongTensor) -> torch.Tensor:
+    def forward(self, tokens: torch.LongTensor, clip_skip: int = 1, fixes=None) -> torch.Tensor:
+        n = n_blocks_run(self.cfg, clip_skip)
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.embeddings.token_embedding(tokens) + self.embeddings.position_embedding(positions)  # (B, L, C)
-        for layer in self.encoder.layers[:n_blocks_run(self.cfg)]:
+        x = replace_rows(self.embeddings.token_embedding(tokens), fixes)
+        x = x + self.embeddings.position_embedding(positions)  # (B, L, C)
+        for layer in self.encoder.layers[:n]:
             x = layer(x)
         return self.final_layer_norm(x)
 
 
 class OpenCLIPTextModel(nn.Module):
     """SD2 text encoder. forward(tokens [B, 77]) -> ln_final(penultimate block output) [B, 77, width].
+    clip_skip and fixes: see n_blocks_run and replace_rows.
     text_projection / logit_scale are never used for conditioning; they exist so a full SD2 file loads strictly."""
 
     def __init__(self, cfg: TextConfig):
@@ -302,9 +344,10 @@ class OpenCLIPTextModel(nn.Module):
         self.ln_final = nn.LayerNorm(cfg.width, eps=1e-5)
         nn.init.normal_(self.positional_embedding, std=0.01)
 
-    def forward(self, tokens: torch.LongTensor) -> torch.Tensor:
-        x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]  # (B, L, C)
-        for block in self.transformer.resblocks[:n_blocks_run(self.cfg)]:
+    def forward(self, tokens: torch.LongTensor, clip_skip: int = 1, fixes=None) -> torch.Tensor:
+        n = n_blocks_run(self.cfg, clip_skip)
+        x = replace_rows(self.token_embedding(tokens), fixes) + self.positional_embedding[:tokens.shape[1]]  # (B, L, C)
+        for block in self.transformer.resblocks[:n]:
             x = block(x)
         return self.ln_final(x)
 
@@ -365,3 +408,335 @@ def convert_diffusers(state_dict: dict[str, torch.Tensor], cfg: TextConfig) -> d
             used.update(qkv)
     assert used == set(sd), f"unexpected keys in diffusers text encoder: {sorted(set(sd) - used)}"
     return out
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# Prompts, as AUTOMATIC1111's web UI reads them ("Original" emphasis): the attention syntax, chunks of 75 tokens,
+# per-token weights and textual-inversion embeddings.
+
+CHUNK_TOKENS = 75  # prompt tokens per chunk; with SOT and EOT a chunk fills the 77 positions
+COMMA_BACKTRACK = 20  # a chunk that fills moves the tokens after a comma this close to its end into the next one
+ROUND_WEIGHT = 1.1  # "(text)" multiplies the weight by this, "[text]" by its inverse
+
+# One token of the attention syntax. Alternatives are tried in order, so the escapes come before the lone backslash
+# (which is dropped) and ":<number>)" before ":" (which is plain text).
+_ATTENTION_TOKEN = re.compile(r"""
+      \\[()\[\]\\]                    # \( \) \[ \] \\ : the character itself
+    | \\                              # a backslash before anything else: dropped
+    | [(\[]                           # opens a bracket
+    | :(?P<weight>[+-]?[.\d]+)\)      # ":1.3)" closes a round bracket with that weight
+    | [)\]]                           # closes a bracket
+    | [^\\()\[\]:]+                   # plain text
+    | :                               # a colon that closes nothing: plain text
+""", re.VERBOSE)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")  # BREAK as a word of its own, with the whitespace around it
+BREAK_WEIGHT = -1.0  # ("BREAK", -1.0) in parse_prompt_attention's output marks a chunk break
+
+
+def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+    """`text` as (piece, weight) pairs in order, adjacent pieces of equal weight merged: "(x)" multiplies the weights
+    inside by 1.1, "[x]" by 1 / 1.1, "(x:1.3)" by 1.3, nested brackets multiply, "\\(" "\\)" "\\[" "\\]" "\\\\" are
+    the characters themselves, brackets left open run to the end. A BREAK word becomes ("BREAK", -1.0); inside
+    brackets its weight is multiplied like any other, and then it is only text (as in A1111). Never empty: "" ->
+    [("", 1.0)]. A ":<number>)" whose number does not parse (":1.2.3)") is plain text."""
+    pieces: list[list] = []  # [text, weight], weights multiplied in place as brackets close
+    open_round, open_square = [], []  # where each open bracket's pieces start
+
+    def scale(start: int, factor: float):
+        for piece in pieces[start:]:
+            piece[1] *= factor
+
+    for m in _ATTENTION_TOKEN.finditer(text):
+        token, weight = m.group(0), _number(m.group("weight"))
+        if token.startswith("\\"):
+            pieces.append([token[1:], 1.0])
+        elif token in "([":
+            (open_round if token == "(" else open_square).append(len(pieces))
+        elif weight is not None and open_round:
+            scale(open_round.pop(), weight)
+        elif token == ")" and open_round:
+            scale(open_round.pop(), ROUND_WEIGHT)
+        elif token == "]" and open_square:
+            scale(open_square.pop(), 1 / ROUND_WEIGHT)
+        else:
+            _add_text(pieces, token)
+    for start in open_round:
+        scale(start, ROUND_WEIGHT)
+    for start in open_square:
+        scale(start, 1 / ROUND_WEIGHT)
+    return _merge_equal(pieces or [["", 1.0]])
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return None if text is None else float(text)
+    except ValueError:  # "[.\d]+" also matches "." and "1.2.3"
+        return None
+
+
+def _add_text(pieces: list[list], text: str):
+    """Plain text, with a ("BREAK", -1.0) marker for each BREAK word in it."""
+    for i, part in enumerate(_BREAK.split(text)):
+        if i:
+            pieces.append(["BREAK", BREAK_WEIGHT])
+        pieces.append([part, 1.0])
+
+
+def _merge_equal(pieces: list[list]) -> list[tuple[str, float]]:
+    merged: list[list] = []
+    for text, weight in pieces:
+        if merged and merged[-1][1] == weight:
+            merged[-1][0] += text
+        else:
+            merged.append([text, weight])
+    return [(text, weight) for text, weight in merged]
+
+
+# Textual-inversion embeddings
+
+
+@dataclass(eq=False)
+class Embedding:
+    """A textual-inversion embedding: `vectors` [n, width] (float32, CPU) replace the tokens of `name` in a prompt.
+    sha256: of the whole file; shorthash (its first 12 hex digits) is what A1111 writes as "TI hashes"."""
+    name: str
+    vectors: torch.Tensor
+    path: str
+    sha256: str
+
+    @property
+    def shorthash(self) -> str:
+        return self.sha256[:12]
+
+
+EMBEDDING_SUFFIXES = (".pt", ".bin", ".safetensors")
+
+
+def embedding_files(path: str | os.PathLike) -> list[Path]:
+    """`path` itself if it is a file; for a folder, the .pt / .bin / .safetensors files in it and its subfolders
+    (sorted; empty files skipped, as A1111 does)."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.suffix.lower() in EMBEDDING_SUFFIXES and p.is_file()
+                      and p.stat().st_size > 0)
+    if not path.exists():
+        raise checkpoint.CheckpointError(f"{path}: no such file or folder; pass an embedding file or a folder of them")
+    return [path]
+
+
+def read_embedding(path: str | os.PathLike, width: int | None = None) -> Embedding:
+    """One embedding file, named by its stem: A1111's .pt ({"string_to_param": {"*": [n, D]}, ...}), a .safetensors
+    with "emb_params" [n, D], or the diffusers form {token: [D] or [n, D]} (.bin or .safetensors). Pickles go through
+    checkpoint's restricted unpickler. A file that is none of these, or whose vectors are not `width` wide, is a
+    one-line CheckpointError."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        data, _ = checkpoint.read_safetensors(path)
+    else:
+        data = checkpoint.read_pickle_checkpoint(path)
+    vectors = _embedding_vectors(data, path)
+    n, found = vectors.shape
+    if width is not None and found != width:
+        raise checkpoint.CheckpointError(
+            f"{path}: a textual-inversion embedding {found} wide, and this model's text encoder is {width} wide; "
+            f"use an embedding made for this model family (SD 1.x: 768, SD 2.x: 1024)")
+    if not 1 <= n <= CHUNK_TOKENS:
+        raise checkpoint.CheckpointError(f"{path}: an embedding of {n} vectors; 1 to {CHUNK_TOKENS} fit in a prompt")
+    return Embedding(path.stem, vectors, str(path), _sha256(path))
+
+
+def _embedding_vectors(data, path: Path) -> torch.Tensor:
+    """The [n, D] float32 vectors of an embedding file's contents, copied out of the file's memory map."""
+    def refuse(what: str):
+        return checkpoint.CheckpointError(f"{path}: {what}; pass an A1111 (.pt, .safetensors) or diffusers "
+                                          f"(learned_embeds) textual-inversion embedding")
+    if not isinstance(data, dict):
+        raise refuse(f"not a textual-inversion embedding (it holds a {type(data).__name__})")
+    if "clip_l" in data and "clip_g" in data:
+        raise refuse("an SDXL embedding (clip_l + clip_g), which SD 1.x / 2.x text encoders cannot use")
+    terms = data.get("string_to_param")
+    terms = terms if isinstance(terms, dict) else {"emb_params": data["emb_params"]} if "emb_params" in data else data
+    tensors = [v for v in terms.values() if isinstance(v, torch.Tensor)]
+    if len(terms) != 1 or len(tensors) != 1:
+        keys = ", ".join(sorted(map(str, terms)))[:120]
+        raise refuse(f"not one embedding tensor (keys: {keys or 'none'})")
+    t = tensors[0]
+    t = t[None] if t.dim() == 1 else t
+    if t.dim() != 2 or not t.is_floating_point() or t.numel() == 0:
+        raise refuse(f"an embedding tensor of shape {list(tensors[0].shape)} and dtype {t.dtype}, not [n, width]")
+    return t.detach().to(torch.float32, copy=True).contiguous()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def ti_hashes(embeddings: list[Embedding]) -> str:
+    """A1111's "TI hashes" infotext value: "name: shorthash, name: shorthash" (':' and ',' removed from names)."""
+    return ", ".join(f"{e.name.replace(':', '').replace(',', '')}: {e.shorthash}" for e in embeddings)
+
+
+# Chunks
+
+
+@dataclass(eq=False)
+class PromptChunks:
+    """One prompt as k chunks: tokens [k, 77] (SOT, 75 prompt tokens or EOT, EOT, pad_id after the first EOT),
+    weights [k, 77] float32 (1 for SOT/EOT/padding), fixes[i]: (position in chunk i's row, Embedding) pairs whose
+    vectors replace that row's token embeddings from that position on (their tokens there are placeholders, 0)."""
+    tokens: torch.LongTensor
+    weights: torch.Tensor
+    fixes: list[list[tuple[int, Embedding]]]
+
+    @property
+    def embeddings(self) -> list[Embedding]:
+        """The embeddings used, in order of first use, each once."""
+        return list({id(e): e for chunk in self.fixes for _, e in chunk}.values())
+
+
+class _Chunks:
+    """The chunk being filled (prompt tokens only, at most 75) and the finished ones, as A1111's tokenize_line
+    builds them."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self.rows: list[tuple[list[int], list[float], list[tuple[int, Embedding]]]] = []
+        self.tokens, self.weights, self.fixes = [], [], []
+        self.last_comma = -1  # index in self.tokens of the last comma in this chunk
+
+    def close(self):
+        """Finish the current chunk: SOT + tokens + EOT, EOT up to 77, then pad_id after the first EOT."""
+        pad = CHUNK_TOKENS - len(self.tokens)
+        tokens = [self.tok.sot_id, *self.tokens] + [self.tok.eot_id] * (pad + 1)
+        if self.tok.pad_id != self.tok.eot_id:  # SD2: 0 after the first EOT (a literal EOT in the text included)
+            first = tokens.index(self.tok.eot_id)
+            tokens[first + 1:] = [self.tok.pad_id] * (len(tokens) - first - 1)
+        weights = [1.0, *self.weights] + [1.0] * (pad + 1)
+        self.rows.append((tokens, weights, [(at + 1, e) for at, e in self.fixes]))  # + 1: after SOT
+        self.tokens, self.weights, self.fixes, self.last_comma = [], [], [], -1
+
+    def before(self, token: int, comma_id: int | None):
+        """What happens before each prompt token is placed: a comma is remembered; a full chunk is closed, first
+        handing the tokens after its last comma to the next chunk when that comma is within 20 of the end."""
+        n = len(self.tokens)
+        if token == comma_id:
+            self.last_comma = n
+        elif n == CHUNK_TOKENS and self.last_comma != -1 and n - self.last_comma <= COMMA_BACKTRACK:
+            cut = self.last_comma + 1
+            tail = self.tokens[cut:], self.weights[cut:], [(at - cut, e) for at, e in self.fixes if at >= cut]
+            self.tokens, self.weights = self.tokens[:cut], self.weights[:cut]
+            self.fixes = [(at, e) for at, e in self.fixes if at < cut]
+            self.close()
+            self.tokens, self.weights, self.fixes = (list(part) for part in tail)
+        if len(self.tokens) == CHUNK_TOKENS:
+            self.close()
+
+    def add(self, token: int, weight: float):
+        self.tokens.append(token)
+        self.weights.append(weight)
+
+    def add_embedding(self, embedding: Embedding, weight: float):
+        """An embedding's n placeholder tokens, in a new chunk if they do not fit in this one."""
+        n = len(embedding.vectors)
+        if len(self.tokens) + n > CHUNK_TOKENS:
+            self.close()
+        self.fixes.append((len(self.tokens), embedding))
+        self.tokens += [0] * n
+        self.weights += [weight] * n
+
+    def result(self) -> PromptChunks:
+        tokens, weights, fixes = zip(*self.rows)
+        return PromptChunks(torch.tensor(tokens, dtype=torch.long), torch.tensor(weights, dtype=torch.float32),
+                            list(fixes))
+
+
+class PromptChunker:
+    """Turns prompts into PromptChunks the way A1111's web UI does: parse_prompt_attention, each piece tokenized on
+    its own, chunks of 75 tokens (BREAK and a full chunk start the next; the comma rule of _Chunks.before), and
+    textual-inversion embeddings matched on token sequences (the longest name first), as its EmbeddingDatabase.
+
+        chunker = PromptChunker(tokenizer, embeddings)
+        chunker("a (red:1.2) apple")        # one prompt: PromptChunks
+        chunker.batch([negative, prompt])   # several, padded with empty chunks to the same chunk count
+    """
+
+    def __init__(self, tokenizer: Tokenizer, embeddings=()):
+        self.tok = tokenizer
+        self.comma_id = tokenizer.encoder.get(",</w>")
+        by_ids = {tuple(tokenizer.encode(e.name)): e for e in embeddings}  # a later one wins for the same tokens
+        self.lookup: dict[int, list[tuple[tuple[int, ...], Embedding]]] = {}  # first token -> longest first
+        for ids, e in sorted(by_ids.items(), key=lambda item: -len(item[0])):
+            if ids:
+                self.lookup.setdefault(ids[0], []).append((ids, e))
+
+    def match(self, ids: list[int], at: int) -> tuple[Embedding | None, int]:
+        """The embedding whose name's tokens start at ids[at], and how many tokens the name has."""
+        for name_ids, e in self.lookup.get(ids[at], ()):
+            if tuple(ids[at:at + len(name_ids)]) == name_ids:
+                return e, len(name_ids)
+        return None, 1
+
+    def __call__(self, text: str) -> PromptChunks:
+        chunks = _Chunks(self.tok)
+        for piece, weight in parse_prompt_attention(text):
+            if piece == "BREAK" and weight == BREAK_WEIGHT:
+                chunks.close()
+                continue
+            ids, at = self.tok.encode(piece), 0
+            while at < len(ids):
+                chunks.before(ids[at], self.comma_id)
+                embedding, n = self.match(ids, at)
+                if embedding is None:
+                    chunks.add(ids[at], weight)
+                else:
+                    chunks.add_embedding(embedding, weight)
+                at += n
+        if chunks.tokens or not chunks.rows:  # a prompt without tokens is one empty chunk
+            chunks.close()
+        return chunks.result()
+
+    def batch(self, texts: list[str]) -> list[PromptChunks]:
+        """Each text's chunks, the shorter ones padded with empty-prompt chunks to the largest chunk count."""
+        out = [self(text) for text in texts]
+        k = max((len(p.tokens) for p in out), default=1)
+        empty = self("")
+        return [PromptChunks(torch.cat([p.tokens, empty.tokens.expand(k - len(p.tokens), -1)]),
+                             torch.cat([p.weights, empty.weights.expand(k - len(p.weights), -1)]),
+                             p.fixes + [[] for _ in range(k - len(p.fixes))]) for p in out]
+
+
+# Encoding
+
+
+def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's "Original" emphasis, per row: z [N, L, C] hidden states times weights [N, L], rescaled so that each
+    row's mean stays the unweighted mean (A1111 takes one mean over its whole batch; per row, a prompt's embedding
+    does not depend on what it is batched with). Computed in float32; rows whose weights are all 1 are returned
+    untouched, bit for bit."""
+    rows = (weights != 1).any(dim=1).nonzero().flatten()
+    if len(rows) == 0:
+        return z
+    before = z[rows].float()
+    weighted = before * weights[rows].float()[..., None]
+    weighted = weighted * (before.mean(dim=(1, 2), keepdim=True) / weighted.mean(dim=(1, 2), keepdim=True))
+    out = z.clone()
+    out[rows] = weighted.to(z.dtype)
+    return out
+
+
+def encode_chunks(text_encoder: nn.Module, prompts: list[PromptChunks], clip_skip: int = 1) -> torch.Tensor:
+    """[B, 77 k, D]: every chunk of every prompt (all k chunks each, see PromptChunker.batch) through the text
+    encoder in one batch, embeddings put in, emphasis applied per chunk, each prompt's chunks concatenated along
+    the token axis. On the text encoder's device, in its dtype."""
+    if len({len(p.tokens) for p in prompts}) > 1:
+        raise ValueError("prompts encoded together need the same chunk count: use PromptChunker.batch")
+    param = next(text_encoder.parameters())
+    tokens = torch.cat([p.tokens for p in prompts]).to(param.device)  # [B k, 77]
+    fixes = [[(at, e.vectors) for at, e in chunk] for p in prompts for chunk in p.fixes]
+    z = text_encoder(tokens, clip_skip=clip_skip, fixes=fixes if any(fixes) else None)  # [B k, 77, D]
+    z = apply_emphasis(z, torch.cat([p.weights for p in prompts]).to(param.device))
+    return z.reshape(len(prompts), -1, z.shape[-1])

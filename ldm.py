@@ -15,6 +15,7 @@ that checkpoint.is_ignored knowingly drops or an error. Files are read and writt
 
 import contextlib
 import json
+import math
 import os
 import random
 import sys
@@ -126,10 +127,48 @@ class LatentDiffusion(nn.Module):
         return self.vae.scale_factor
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """[B, 77, D]: what the U-Net cross-attends to."""
-        tokens = self.tokenizer(list(prompts)).to(self.device)
-        return self.text_encoder(tokens).to(self.dtype)
+    def encode_prompt(self, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
+        """[B, 77 k, D]: what the U-Net cross-attends to, in the model's dtype, on its device. Prompts are read as
+        AUTOMATIC1111's web UI reads them (clip.PromptChunker): "(word:1.2)", "(word)", "[word]", BREAK, names of
+        embeddings loaded with load_embeddings; chunks of 75 tokens, each encoded on its own and concatenated.
+        All prompts of one call are padded with empty-prompt chunks to the same chunk count k, so prompts and
+        negative prompts encoded together line up. clip_skip: 1 = the model's usual layer, N = N - 1 layers
+        before it (A1111's "Clip skip"). A plain prompt of up to 75 tokens gives exactly the text encoder's output
+        for its 77-token row."""
+        chunks = self.prompt_chunker().batch(list(prompts))
+        return clip.encode_chunks(self.text_encoder, chunks, clip_skip).to(self.device, self.dtype)
+
+    def prompt_chunker(self) -> clip.PromptChunker:
+        """The chunker encode_prompt uses: this model's tokenizer and loaded embeddings."""
+        return clip.PromptChunker(self.tokenizer, self.embeddings.values())
+
+    @property
+    def embeddings(self) -> dict[str, clip.Embedding]:
+        """Textual-inversion embeddings by name, in load order (load_embeddings adds them; not in the state dict)."""
+        return self.__dict__.setdefault("_embeddings", {})
+
+    def load_embeddings(self, path: str | os.PathLike) -> list[str]:
+        """Load textual-inversion embeddings from a file (A1111 .pt / .safetensors, diffusers learned_embeds) or a
+        folder of them (subfolders included), each named by its file stem; a prompt word (token sequence) equal to a
+        name is replaced by its vectors. A name loaded again is replaced. All files are read before any is added, so
+        a bad one (a one-line CheckpointError, e.g. an SD 2.x embedding on SD 1.x) changes nothing. Returns the
+        names loaded."""
+        width = self.text_encoder.cfg.width
+        loaded = [clip.read_embedding(p, width) for p in clip.embedding_files(path)]
+        for e in loaded:
+            if not self.tokenizer.encode(e.name):
+                raise CheckpointError(f"{e.path}: the name {e.name!r} has no tokens, so no prompt can use it; "
+                                      f"rename the file")
+        for e in loaded:
+            self.embeddings.pop(e.name, None)  # re-added last: of two names with the same tokens, the later wins
+            self.embeddings[e.name] = e
+        return [e.name for e in loaded]
+
+    def embeddings_used(self, prompts: list[str]) -> list[clip.Embedding]:
+        """The loaded embeddings that `prompts` use, in order of first use, each once. For image metadata:
+        clip.ti_hashes(model.embeddings_used([negative, prompt])) is A1111's "TI hashes" value."""
+        chunker = self.prompt_chunker()
+        return list({id(e): e for p in prompts for e in chunker(p).embeddings}.values())
 
     def encode_images(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator = None):
         """Images in [-1, 1] [B, 3, H, W] -> scaled latents [B, C, H/f, W/f]. The posterior mean by default
@@ -276,6 +315,12 @@ def step_function(model: LatentDiffusion, fn, key: tuple, cuda_graph: bool, devi
     return graphs[key]
 
 
+def draw_noise(generators: list[torch.Generator], shape: tuple, n: int) -> torch.Tensor:
+    """[n, B, *shape]: n fresh draws for each image, in order, each continuing that image's own generator."""
+    draws = [torch.cat([torch.randn((1, *shape), generator=g) for g in generators]) for _ in range(n)]
+    return torch.stack(draws) if draws else torch.empty((0, len(generators), *shape))
+
+
 @torch.no_grad()
 def ddim_sample(model: LatentDiffusion, x: torch.Tensor, cond: torch.Tensor, *, steps: int = 50,
                 guidance_scale: float = 7.5, eta: float = 0.0, generators: list[torch.Generator] = None,
@@ -294,13 +339,247 @@ def ddim_sample(model: LatentDiffusion, x: torch.Tensor, cond: torch.Tensor, *, 
     a_prev_all = torch.cat([ac[:1], a_all[:-1]])  # the last step lands on alphas_cumprod[0], not 1
     noise = torch.zeros(1, device=device).expand(x.shape)
     if eta > 0:  # (steps, B, C, h, w): image i's draws in step order from its own generator
-        noise = torch.stack([torch.cat([torch.randn((1, *x.shape[1:]), generator=g) for g in generators])
-                             for _ in order]).to(device)
+        noise = draw_noise(generators, x.shape[1:], len(order)).to(device)
     run = step_function(model, lambda *a: ddim_step(model, *a, guidance_scale, eta), ("ddim", guidance_scale, eta),
                         cuda_graph, device)
     for n, i in enumerate(tqdm(order, desc="sampling", disable=not progress, leave=False)):
         x = run(x, t_all[i].expand(cond.shape[0]), cond, a_all[i], a_prev_all[i], noise[n] if eta > 0 else noise)
     return x
+
+
+# The k-diffusion samplers (what AUTOMATIC1111 and ComfyUI run): SD's discrete schedule seen as a denoiser over the
+# noise level sigma = sqrt((1 - a_t) / a_t). Each sampler is a plain loop over a sigma schedule; the U-Net call is the
+# one piece that runs as a CUDA graph, and every number it reads is a device tensor prepared before the loop.
+
+SAMPLERS = ("ddim", "euler", "euler_a", "heun", "lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde")
+SCHEDULERS = ("normal", "karras", "exponential")
+
+
+def model_sigmas(model: LatentDiffusion) -> torch.Tensor:
+    """[1000] float32 on the CPU: the noise level of each training timestep, sqrt((1 - a_t) / a_t)."""
+    ac = model.alphas_cumprod.float().cpu()
+    return ((1 - ac) / ac) ** 0.5
+
+
+def sigma_to_t(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
+    """The fractional timestep of each sigma, interpolated linearly in log sigma between the two training timesteps
+    around it (k-diffusion's DiscreteSchedule without quantization; A1111's default)."""
+    log_sigma = sigma.log()
+    dists = log_sigma - log_sigmas[:, None]  # (1000, n)
+    low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.shape[0] - 2)
+    w = ((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1])).clamp(0, 1)
+    return ((1 - w) * low + w * (low + 1)).view(sigma.shape)
+
+
+def t_to_sigma(t: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
+    """The inverse of sigma_to_t: log sigma interpolated at fractional timesteps."""
+    t = t.float()
+    low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+    return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
+
+
+def get_sigmas(model: LatentDiffusion, steps: int, scheduler: str = "normal") -> torch.Tensor:
+    """[steps + 1] float32 on the CPU, from the largest sigma down, with a final 0. normal: timesteps linear from
+    999 to 0 (k-diffusion's default); karras: rho = 7 between the model's smallest and largest sigma; exponential:
+    linear in log sigma between them."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; available: {', '.join(SCHEDULERS)}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    sigmas = model_sigmas(model)
+    sigma_min, sigma_max = sigmas[0].item(), sigmas[-1].item()
+    if scheduler == "normal":
+        out = t_to_sigma(torch.linspace(len(sigmas) - 1, 0, steps), sigmas.log())
+    elif scheduler == "karras":
+        rho = 7.0
+        ramp, lo, hi = torch.linspace(0, 1, steps), sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+        out = (hi + ramp * (lo - hi)) ** rho
+    else:
+        out = torch.linspace(math.log(sigma_max), math.log(sigma_min), steps).exp()
+    return torch.cat([out, out.new_zeros(1)])
+
+
+def noise_draws(sampler: str, sigmas: torch.Tensor) -> int:
+    """How many fresh noise tensors a sampler draws after the first latent: one per step that does not end at
+    sigma 0 for the ancestral and SDE samplers (two for DPM++ SDE, which evaluates the model twice a step)."""
+    live = int((sigmas[1:] > 0).sum())
+    return {"euler_a": live, "dpmpp_2m_sde": live, "dpmpp_sde": 2 * live}.get(sampler, 0)
+
+
+def k_denoiser(model: LatentDiffusion, guidance_scale: float, cuda_graph: bool, device: torch.device):
+    """D(x, sigma, t, cond) -> x0 estimate: the U-Net (CFG on its output) fed x / sqrt(sigma^2 + 1) at the fractional
+    timestep t; eps models give x0 = x - sigma eps, v models k-diffusion's c_skip x + c_out v with
+    c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1). x and the result are float32; sigma and t are
+    0-dim float32 device tensors and cond an argument too (a captured CUDA graph reads its inputs' buffers), so the
+    call can be replayed as a CUDA graph."""
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        c_in = 1 / (sigma ** 2 + 1) ** 0.5
+        out = guided_output(model, (x * c_in).to(model.dtype), t.expand(cond.shape[0]), cond, guidance_scale).float()
+        if model.prediction_type == "v":
+            return out * (-sigma / (sigma ** 2 + 1) ** 0.5) + x * (1 / (sigma ** 2 + 1))
+        return x + out * -sigma
+
+    return step_function(model, denoise, ("k", guidance_scale), cuda_graph, device)
+
+
+def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float = 1.0):
+    """(sigma_down, sigma_up): the deterministic step's target and the noise added after it (k-diffusion)."""
+    sigma_up = torch.minimum(sigma_next, eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5)
+    return (sigma_next ** 2 - sigma_up ** 2) ** 0.5, sigma_up
+
+
+def lms_coefficients(sigmas: np.ndarray, i: int, order: int) -> list[float]:
+    """Linear multistep weights of the last `order` derivatives: the integral over [sigma_i, sigma_i+1] of each
+    Lagrange basis polynomial through sigma_i, sigma_i-1, ... (exact polynomial integration, float64)."""
+    nodes = [float(sigmas[i - j]) for j in range(order)]
+    coeffs = []
+    for j in range(order):
+        basis = np.poly1d([1.0])
+        for k in range(order):
+            if k != j:
+                basis *= np.poly1d([1.0, -nodes[k]]) / (nodes[j] - nodes[k])
+        integral = basis.integ()
+        coeffs.append(float(integral(sigmas[i + 1]) - integral(sigmas[i])))
+    return coeffs
+
+
+class SigmaSteps:
+    """A sigma schedule on both sides: `cpu[i]` (0-dim float32 CPU tensors, for the update arithmetic and branches,
+    which never wait on the device) and the denoiser's inputs as device tensors made before the loop: `D(x, i)`
+    evaluates the denoiser at sigma_i, `D(x, i, mid=True)` at this step's midpoint sigma (DPM++ SDE)."""
+
+    def __init__(self, denoise, cond: torch.Tensor, sigmas: torch.Tensor, log_sigmas: torch.Tensor,
+                 device: torch.device, mid: torch.Tensor = None):
+        self.denoise, self.cond, self.cpu = denoise, cond, sigmas
+        points = sigmas if mid is None else torch.cat([sigmas, mid])
+        self.sigma = points.to(device)
+        self.t = sigma_to_t(points, log_sigmas).to(device)
+        self.mid_at = len(sigmas)
+
+    def __len__(self) -> int:
+        return len(self.cpu) - 1
+
+    def D(self, x: torch.Tensor, i: int, mid: bool = False) -> torch.Tensor:
+        j = self.mid_at + i if mid else i
+        return self.denoise(x, self.sigma[j], self.t[j], self.cond)
+
+
+def sample_euler(s: SigmaSteps, x: torch.Tensor, noise, steps) -> torch.Tensor:
+    for i in steps:
+        d = (x - s.D(x, i)) / s.cpu[i]
+        x = x + d * (s.cpu[i + 1] - s.cpu[i])
+    return x
+
+
+def sample_euler_a(s: SigmaSteps, x: torch.Tensor, noise, steps) -> torch.Tensor:
+    for i in steps:
+        sigma_down, sigma_up = ancestral_step(s.cpu[i], s.cpu[i + 1])
+        d = (x - s.D(x, i)) / s.cpu[i]
+        x = x + d * (sigma_down - s.cpu[i])
+        if s.cpu[i + 1] > 0:
+            x = x + next(noise) * sigma_up
+    return x
+
+
+def sample_heun(s: SigmaSteps, x: torch.Tensor, noise, steps) -> torch.Tensor:
+    for i in steps:
+        d = (x - s.D(x, i)) / s.cpu[i]
+        dt = s.cpu[i + 1] - s.cpu[i]
+        if s.cpu[i + 1] == 0:  # the last step: Euler
+            x = x + d * dt
+        else:  # the average of the slopes at both ends
+            x_2 = x + d * dt
+            d_2 = (x_2 - s.D(x_2, i + 1)) / s.cpu[i + 1]
+            x = x + (d + d_2) / 2 * dt
+    return x
+
+
+def sample_lms(s: SigmaSteps, x: torch.Tensor, noise, steps, order: int = 4) -> torch.Tensor:
+    sigmas, ds = s.cpu.double().numpy(), []
+    for i in steps:
+        ds = (ds + [(x - s.D(x, i)) / s.cpu[i]])[-order:]
+        coeffs = lms_coefficients(sigmas, i, len(ds))
+        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
+    return x
+
+
+def sample_dpmpp_2m(s: SigmaSteps, x: torch.Tensor, noise, steps) -> torch.Tensor:
+    old = None
+    for i in steps:
+        denoised = s.D(x, i)
+        t, t_next = -s.cpu[i].log(), -s.cpu[i + 1].log()
+        h = t_next - t
+        if old is not None and s.cpu[i + 1] > 0:  # second order: extrapolate from the last two x0 estimates
+            r = (t - -s.cpu[i - 1].log()) / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
+        else:
+            denoised_d = denoised
+        x = ((-t_next).exp() / (-t).exp()) * x - (-h).expm1() * denoised_d  # exp(-t) = sigma, as k-diffusion has it
+        old = denoised
+    return x
+
+
+def sample_dpmpp_2m_sde(s: SigmaSteps, x: torch.Tensor, noise, steps, eta: float = 1.0) -> torch.Tensor:
+    old = h_last = None
+    for i in steps:
+        denoised = s.D(x, i)
+        if s.cpu[i + 1] == 0:
+            x = denoised
+        else:
+            h = -s.cpu[i + 1].log() - -s.cpu[i].log()
+            eta_h = eta * h
+            x = s.cpu[i + 1] / s.cpu[i] * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
+            if old is not None:  # midpoint second-order correction
+                x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / (h_last / h)) * (denoised - old)
+            x = x + next(noise) * s.cpu[i + 1] * (-2 * eta_h).expm1().neg().sqrt()
+            h_last = h
+        old = denoised
+    return x
+
+
+def dpmpp_sde_midpoints(sigmas: torch.Tensor, r: float = 0.5) -> torch.Tensor:
+    """DPM++ SDE's intermediate sigma of each step, exp(-(t + r h)) in t = -log sigma (0 where a step ends at 0)."""
+    t, t_next = -sigmas[:-1].log(), -sigmas[1:].log()
+    return torch.where(sigmas[1:] > 0, (-(t + (t_next - t) * r)).exp(), torch.zeros(()))
+
+
+def sample_dpmpp_sde(s: SigmaSteps, x: torch.Tensor, noise, steps, r: float = 0.5) -> torch.Tensor:
+    sigma_fn, t_fn = (lambda t: t.neg().exp()), (lambda sigma: sigma.log().neg())  # sigma <-> t = -log sigma
+    for i in steps:
+        denoised = s.D(x, i)
+        if s.cpu[i + 1] == 0:  # the last step: Euler
+            x = x + (x - denoised) / s.cpu[i] * (s.cpu[i + 1] - s.cpu[i])
+            continue
+        t, t_next = t_fn(s.cpu[i]), t_fn(s.cpu[i + 1])
+        t_mid = t + (t_next - t) * r
+        sd, su = ancestral_step(sigma_fn(t), sigma_fn(t_mid))  # to the midpoint, with noise
+        x_2 = (sigma_fn(t_fn(sd)) / sigma_fn(t)) * x - (t - t_fn(sd)).expm1() * denoised + next(noise) * su
+        denoised_2 = s.D(x_2, i, mid=True)  # at sigma_fn(t_mid), made before the loop by dpmpp_sde_midpoints
+        sd, su = ancestral_step(sigma_fn(t), sigma_fn(t_next))  # the whole step, from both estimates
+        fac = 1 / (2 * r)
+        x = (sigma_fn(t_fn(sd)) / sigma_fn(t)) * x - (t - t_fn(sd)).expm1() * ((1 - fac) * denoised + fac * denoised_2)
+        x = x + next(noise) * su
+    return x
+
+
+K_SAMPLERS = {"euler": sample_euler, "euler_a": sample_euler_a, "heun": sample_heun, "lms": sample_lms,
+              "dpmpp_2m": sample_dpmpp_2m, "dpmpp_2m_sde": sample_dpmpp_2m_sde, "dpmpp_sde": sample_dpmpp_sde}
+
+
+@torch.no_grad()
+def k_sample(model: LatentDiffusion, x: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor, sampler: str, *,
+             guidance_scale: float = 7.5, noise: torch.Tensor = None, progress: bool = True,
+             cuda_graph: bool = True) -> torch.Tensor:
+    """Denoise x [B, C, h, w] (float32, already at noise level sigmas[0]) down the schedule `sigmas` (CPU float32,
+    ending in 0) with a k-diffusion sampler. cond: [uncond; cond] for CFG, as ddim_sample. noise: [draws, B, C, h, w],
+    the sampler's later random draws in order (noise_draws says how many), each image's from its own generator."""
+    device = x.device
+    denoise = k_denoiser(model, guidance_scale, cuda_graph, device)
+    mid = dpmpp_sde_midpoints(sigmas) if sampler == "dpmpp_sde" else None
+    s = SigmaSteps(denoise, cond, sigmas, model_sigmas(model).log(), device, mid)
+    draws = iter(noise.to(device) if noise is not None else ())
+    steps = tqdm(range(len(s)), desc="sampling", disable=not progress, leave=False)
+    return K_SAMPLERS[sampler](s, x.float(), draws, steps)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -369,15 +648,21 @@ def _per_image(value, n: int, what: str) -> list:
 @torch.no_grad()
 def sample(model: LatentDiffusion, prompts: list[str], *, negative_prompts: list[str] = None, height: int = None,
            width: int = None, steps: int = 50, guidance_scale: float = 7.5, eta: float = 0.0,
-           seed: int | list[int] = None, sampler: str = "ddim", init_image: torch.Tensor = None,
-           strength: float = 0.75, progress: bool = True, output_type: str = "pil", cuda_graph: bool = True,
-           tile: int = None):
+           seed: int | list[int] = None, sampler: str = "ddim", scheduler: str = "normal", clip_skip: int = 1,
+           init_image: torch.Tensor = None, strength: float = 0.75, progress: bool = True, output_type: str = "pil",
+           cuda_graph: bool = True, tile: int = None):
     """Text-to-image (or image-to-image with `init_image` in [-1, 1], [B or 1, 3, H, W]). Image i's noise comes from
-    its own torch.Generator("cpu").manual_seed(seed + i) (or seed[i] for a list), so a seed gives the same image on
-    every device and in any batch. cuda_graph: replay the denoising steps as a CUDA graph on a CUDA device; tile:
-    decode in tiles of this many latent pixels. Returns PIL images, or a [B, 3, H, W] tensor in [-1, 1]."""
-    if sampler != "ddim":
-        raise ValueError(f"unknown sampler {sampler!r}; available: ddim")
+    its own torch.Generator("cpu").manual_seed(seed + i) (or seed[i] for a list): its first latent, then every later
+    draw of an ancestral or SDE sampler, so a seed gives the same image on every device and in any batch.
+    sampler: one of SAMPLERS (ddim on its own timestep grid, with eta; the others on the `scheduler`'s sigmas).
+    Prompts take A1111's syntax (weights, BREAK, long prompts, embeddings; see encode_prompt), with clip_skip.
+    img2img runs the last `strength` of the schedule from the image's latent noised to that point. cuda_graph: replay
+    the U-Net as a CUDA graph on a CUDA device; tile: decode in tiles of this many latent pixels. Returns PIL images,
+    or a [B, 3, H, W] tensor in [-1, 1]."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; available: {', '.join(SAMPLERS)}")
+    if sampler == "ddim" and scheduler != "normal":
+        raise ValueError(f"ddim runs its own timestep grid; the scheduler ({scheduler}) is for the other samplers")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     B, device, f = len(prompts), model.device, model.downsample_factor
     negative_prompts = [n or "" for n in _per_image(negative_prompts, B, "negative prompts")]
@@ -388,22 +673,29 @@ def sample(model: LatentDiffusion, prompts: list[str], *, negative_prompts: list
     height, width = height or model.resolution, width or model.resolution
     if height % f or width % f:
         raise ValueError(f"height and width must be multiples of {f}, got {width}x{height}")
+    if init_image is not None and not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
 
     use_cfg = guidance_scale != 1.0
-    cond = model.encode_prompt(negative_prompts + prompts if use_cfg else prompts)
+    cond = model.encode_prompt(negative_prompts + prompts if use_cfg else prompts, clip_skip=clip_skip)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    shape = (1, model.latent_channels, height // f, width // f)
-    latents = torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
-    start_step = 0
-    if init_image is not None:  # img2img: noise the image's latent to the point `strength` into the schedule
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
-        z0 = model.encode_images(init_image.to(device)).float().cpu().expand(latents.shape)
-        start_step = steps - min(int(steps * strength), steps)
-        t = ddim_timesteps(steps, len(model.alphas_cumprod))[steps - 1 - start_step] if start_step < steps else 0
-        latents = model.add_noise(z0, latents, torch.tensor([t])) if start_step < steps else z0
-    x = ddim_sample(model, latents.to(device, model.dtype), cond, steps=steps, guidance_scale=guidance_scale,
-                    eta=eta, generators=generators, start_step=start_step, progress=progress, cuda_graph=cuda_graph)
+    shape = (model.latent_channels, height // f, width // f)
+    latents = draw_noise(generators, shape, 1)[0]  # [B, C, h, w]
+    z0 = None if init_image is None else model.encode_images(init_image.to(device)).float().cpu().expand(latents.shape)
+    run = steps if z0 is None else min(int(steps * strength), steps)  # img2img runs the schedule's last `run` steps
+    if sampler == "ddim":
+        if z0 is not None:  # noise the image's latent to the point `strength` into the schedule
+            t = ddim_timesteps(steps, len(model.alphas_cumprod))[run - 1] if run else 0
+            latents = model.add_noise(z0, latents, torch.tensor([t])) if run else z0
+        x = ddim_sample(model, latents.to(device, model.dtype), cond, steps=steps, guidance_scale=guidance_scale,
+                        eta=eta, generators=generators, start_step=steps - run, progress=progress,
+                        cuda_graph=cuda_graph)
+    else:
+        sigmas = get_sigmas(model, steps, scheduler)[steps - run:]
+        x = latents * sigmas[0] if z0 is None else z0 + latents * sigmas[0]
+        noise = draw_noise(generators, shape, noise_draws(sampler, sigmas))
+        x = k_sample(model, x.to(device), cond, sigmas, sampler, guidance_scale=guidance_scale, noise=noise,
+                     progress=progress, cuda_graph=cuda_graph).to(model.dtype)
     images = decode(model, x, tile)
     return to_pil(images) if output_type == "pil" else images
 

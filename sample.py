@@ -9,19 +9,17 @@ weights are downloaded once into $LDM_HOME (default: the user cache folder, e.g.
 
 import argparse
 import itertools
-import json
 import math
 import random
 import re
 import signal
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
-from cli import HelpFormatter, Parser, UserError, run
+from cli import HelpFormatter, Parser, UserError, explicit_flags, run
+from parameters import SAMPLER_NAMES, SCHEDULE_NAMES, Job, format_parameters, parse_parameters
 
-SAMPLER_NAMES = {"ddim": "DDIM"}  # our name -> the name in the parameters text
 SEED_MAX = 2 ** 64 - 1  # what torch.Generator.manual_seed takes
 
 
@@ -40,8 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "SD 2.x is probed)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (1 turns it off)")
+    p.add_argument("--sampler", choices=list(SAMPLER_NAMES), default="ddim", help="sampler: ddim on its own "
+                   "timestep grid, the others (k-diffusion's, as in A1111 and ComfyUI) on --scheduler's noise levels")
+    p.add_argument("--scheduler", choices=list(SCHEDULE_NAMES), default="normal", help="noise levels of the "
+                   "non-DDIM samplers: normal (timesteps evenly from 999 to 0), karras (rho 7), exponential")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic, 1 is DDPM-like")
-    p.add_argument("--sampler", choices=sorted(SAMPLER_NAMES), default="ddim", help="sampler")
+    p.add_argument("--clip-skip", type=int, default=1, metavar="N", help="condition on the text encoder's layer N "
+                   "from the end (A1111's Clip skip; 1 = the model's own)")
     p.add_argument("--seed", type=int, metavar="N", help="seed of the first image, image i uses seed + i; 0 to "
                    "2**64 - 1, -1 for a random one (default: random, printed)")
     p.add_argument("--height", type=int, metavar="PX", help="image height, any multiple of 8 (default: the model's "
@@ -66,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "so of compiling on the first image")
     p.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, launch each denoising step's kernels "
                    "one by one instead of replaying a captured CUDA graph (same images, slower)")
+    p.add_argument("--params-from", type=Path, metavar="PNG", help="take prompt, negative prompt, steps, sampler, "
+                   "schedule, CFG, seed, size and clip skip from this PNG's parameters (ours or A1111's); flags given "
+                   "override them")
     p.add_argument("--replay", type=Path, metavar="PNG", help="regenerate this PNG from its parameters and compare "
                    "pixels (exit 0 when identical, 1 when not); without --ckpt, the model its 'Model hash' names, "
                    "looked for in the download cache and beside the PNG")
@@ -84,61 +90,6 @@ import ldm
 import vae as vae_lib
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-# -----------------------------------------------------------------------------------------------------------------
-# Generation settings <-> the A1111 `parameters` text
-
-
-@dataclass
-class Job:
-    """One image: everything that decides its pixels besides the weights and the init image."""
-    prompt: str
-    negative: str
-    seed: int
-    steps: int
-    cfg: float
-    eta: float
-    width: int
-    height: int
-    strength: float = None  # img2img only
-    sampler: str = "ddim"
-
-
-def _quote(value) -> str:
-    text = str(value)
-    return json.dumps(text) if any(c in text for c in ',:"\n') else text  # as A1111 quotes such values
-
-
-def format_parameters(job: Job, model_info: dict) -> str:
-    """'prompt\\nNegative prompt: ...\\nSteps: 50, Sampler: DDIM, CFG scale: 7.5, Seed: 1, Size: 512x512, ...'"""
-    fields = {"Steps": job.steps, "Sampler": SAMPLER_NAMES[job.sampler], "CFG scale": job.cfg, "Seed": job.seed,
-              "Size": f"{job.width}x{job.height}", **model_info, "Eta": job.eta, "Denoising strength": job.strength}
-    lines = [job.prompt] + ([f"Negative prompt: {job.negative}"] if job.negative else [])
-    return "\n".join(lines + [", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)])
-
-
-PARAM_RE = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
-
-
-def parse_parameters(text: str) -> tuple[Job, dict]:
-    """The inverse of format_parameters: (Job, all 'Key: value' fields as strings)."""
-    *head, last = text.strip("\n").split("\n")
-    fields = {k: json.loads(v) if v.startswith('"') else v.strip() for k, v in PARAM_RE.findall(last)}
-    at = next((i for i, line in enumerate(head) if line.startswith("Negative prompt:")), len(head))
-    negative = "\n".join(head[at:])[len("Negative prompt:"):].strip()
-    sampler = {v: k for k, v in SAMPLER_NAMES.items()}.get(fields.get("Sampler"))
-    try:
-        width, height = (int(v) for v in fields["Size"].split("x"))
-        job = Job("\n".join(head[:at]), negative, int(fields["Seed"]), int(fields["Steps"]),
-                  float(fields["CFG scale"]), float(fields.get("Eta", 0.0)), width, height,
-                  float(fields["Denoising strength"]) if "Denoising strength" in fields else None, sampler)
-    except (KeyError, ValueError) as e:
-        raise UserError(f"unreadable generation parameters ({type(e).__name__}: {e}) in: {last!r}") from None
-    if sampler is None:
-        raise UserError(f"sampler {fields.get('Sampler')!r} is not available; available: "
-                       + ", ".join(SAMPLER_NAMES.values()))
-    return job, fields
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -283,8 +234,9 @@ def generate(model: ldm.LatentDiffusion, jobs: list[Job], init: torch.Tensor = N
     try:
         return ldm.sample(model, [j.prompt for j in jobs], negative_prompts=[j.negative for j in jobs],
                           seed=[j.seed for j in jobs], steps=job.steps, guidance_scale=job.cfg, eta=job.eta,
-                          height=job.height, width=job.width, sampler=job.sampler, init_image=init,
-                          strength=job.strength or 0.75, tile=tile, cuda_graph=cuda_graph)
+                          height=job.height, width=job.width, sampler=job.sampler, scheduler=job.scheduler,
+                          clip_skip=job.clip_skip, init_image=init, strength=job.strength or 0.75, tile=tile,
+                          cuda_graph=cuda_graph)
     except ldm.NonFiniteError as e:
         raise UserError(f"{e} (--dtype fp32 or bf16 may help)") from None
     except ValueError as e:  # settings ldm.sample refuses (e.g. from a --replay PNG)
@@ -310,6 +262,11 @@ def check_args(args):
         raise UserError(f"--tile must be at least 8 latent pixels (64 = 512 px is a good size), got {args.tile}")
     if args.eta < 0:
         raise UserError(f"--eta must be >= 0, got {args.eta}")
+    if args.eta and args.sampler != "ddim":
+        raise UserError(f"--eta is DDIM's; {args.sampler} has its own noise (euler_a and the SDE samplers add it)")
+    if args.sampler == "ddim" and args.scheduler != "normal":
+        raise UserError(f"--scheduler {args.scheduler} is for the k-diffusion samplers; ddim runs its own timestep "
+                        "grid (pick e.g. --sampler dpmpp_2m)")
     if args.init_image and not 0.0 < args.strength <= 1.0:
         raise UserError(f"--strength must be in (0, 1], got {args.strength}")
     if args.out.suffix and not args.out.is_dir() and args.out.suffix.lower() != ".png":
@@ -325,8 +282,9 @@ def run_generate(args) -> int:
     init = image_tensor(init_pil, width, height) if init_pil else None
     seed = args.seed if args.seed not in (None, -1) else random.randrange(2 ** 32)  # -1: random, as in A1111
     print(f"seed {seed}" + (f" (images use {seed}..{seed + args.n - 1})" if args.n > 1 else ""), file=sys.stderr)
-    jobs = [Job(p, args.negative or "", seed + i, args.steps, args.cfg, args.eta, width, height,
-                args.strength if init is not None else None, args.sampler) for p in prompts for i in range(args.n)]
+    jobs = [Job(p, args.negative or "", seed + i, args.steps, args.cfg, width, height, args.sampler,
+                args.scheduler, args.eta, args.strength if init is not None else None, args.clip_skip)
+            for p in prompts for i in range(args.n)]
     batch = args.batch_size
     stop = []
 
@@ -379,12 +337,37 @@ def find_model(fields: dict, png: Path) -> Path | None:
                     f"default weights nor a file in {' or '.join(map(str, folders))}; pass it with --ckpt PATH")
 
 
-def run_replay(args) -> int:
-    image = read_image(args.replay, "--replay image")
+def read_parameters(path: Path, flag: str) -> tuple[Image.Image, Job, dict]:
+    """(the image, its settings, its raw fields) from a PNG's `parameters` text chunk (ours or A1111's)."""
+    image = read_image(path, f"{flag} image")
     text = getattr(image, "text", {}).get("parameters")
     if not text:
-        raise UserError(f"{args.replay}: no 'parameters' text chunk (not written by this script or the A1111 UI)")
+        raise UserError(f"{flag} {path}: no 'parameters' text chunk (not written by this script or the A1111 UI)")
     job, fields = parse_parameters(text)
+    if "Version" in fields and fields.get("RNG") != "CPU":  # A1111's default draws its noise on the GPU
+        print(f"warning: {path.name} was made with A1111's {fields.get('RNG', 'GPU')} noise; the same settings give "
+              "another picture here (A1111 and this project agree with its RNG source set to CPU)", file=sys.stderr)
+    return image, job, fields
+
+
+def take_parameters(args, explicit: set[str]):
+    """--params-from: the PNG's settings for every flag not given on the command line."""
+    _, job, _ = read_parameters(args.params_from, "--params-from")
+    settings = dict(prompt=job.prompt, negative=job.negative, steps=job.steps, sampler=job.sampler,
+                    scheduler=job.scheduler, cfg=job.cfg, eta=job.eta, seed=job.seed, width=job.width,
+                    height=job.height, clip_skip=job.clip_skip)
+    if job.strength is not None and args.init_image:
+        settings["strength"] = job.strength
+    elif job.strength is not None:
+        print(f"note: {args.params_from.name} was made with img2img (Denoising strength {job.strength}); without "
+              "--init-image this is text-to-image", file=sys.stderr)
+    for name, value in settings.items():
+        if name not in explicit:
+            setattr(args, name, value)
+
+
+def run_replay(args) -> int:
+    image, job, fields = read_parameters(args.replay, "--replay")
     if job.strength is not None and not args.init_image:
         raise UserError(f"{args.replay} was made with img2img (Denoising strength {job.strength}); pass the same "
                        "--init-image")
@@ -415,7 +398,14 @@ def run_replay(args) -> int:
 
 def main(argv: list[str] = None) -> int:
     args = build_parser().parse_args(argv)
-    return run(lambda _: run_replay(args) if args.replay else run_generate(args),
+    explicit = explicit_flags(build_parser, argv)
+
+    def job(_):
+        if args.params_from:
+            take_parameters(args, explicit)
+        return run_replay(args) if args.replay else run_generate(args)
+
+    return run(job,
                errors=(checkpoint.CheckpointError,),
                out_of_memory="try --dtype fp16, --tile 64, a smaller --width/--height, or --batch-size 1")
 

@@ -318,8 +318,12 @@ def test_sample_input_errors():
     model = tiny_model()
     with pytest.raises(ValueError, match="multiples of 4"):
         ldm.sample(model, ["x"], height=30, width=64, steps=2, progress=False)
-    with pytest.raises(ValueError, match="unknown sampler"):
-        ldm.sample(model, ["x"], steps=2, sampler="euler", progress=False)
+    with pytest.raises(ValueError, match="unknown sampler 'plms'; available: ddim, euler, euler_a"):
+        ldm.sample(model, ["x"], steps=2, sampler="plms", progress=False)
+    with pytest.raises(ValueError, match="unknown scheduler 'beta'"):
+        ldm.sample(model, ["x"], steps=2, sampler="euler", scheduler="beta", progress=False)
+    with pytest.raises(ValueError, match="ddim runs its own timestep grid"):
+        ldm.sample(model, ["x"], steps=2, scheduler="karras", progress=False)
     with pytest.raises(ValueError, match="negative prompts"):
         ldm.sample(model, ["x", "y"], negative_prompts=["a", "b", "c"], steps=2, progress=False)
 

@@ -75,7 +75,7 @@ def test_generate_then_replay_matches(tmp_path, ckpt, ldm_home):
     text = parameters(path)
     sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert text == ("a red apple\nNegative prompt: blurry, dark\nSteps: 3, Sampler: DDIM, CFG scale: 7.5, Seed: 3, "
-                    f"Size: 64x64, Model hash: {sha[:10]}, Model: tiny, Eta: 0.0")
+                    f"Size: 64x64, Model hash: {sha[:10]}, Model: tiny, RNG: CPU, Eta: 0.0")
     assert "seed 3" in r.stderr and "sampling" in r.stderr  # the seed and a progress bar
     assert json.loads((ldm_home / "sha256.json").read_text())[str(ckpt.resolve())]["sha256"] == sha  # hash cached
 
@@ -114,13 +114,41 @@ def test_replay_reports_a_changed_pixel(tmp_path, ckpt, capsys):
     assert rc == 1 and out.startswith("mismatch: max pixel difference") and "1 of 4096 pixels" in out
 
 
-def test_parameters_round_trip_with_quoted_values():
-    job = sample.Job("a cat, sitting\non a mat", "dog: no", 42, 20, 6.5, 0.5, 96, 64, strength=0.3)
-    info = {"Model hash": "0123456789", "Model": 'my "model", v2', "VAE hash": None, "VAE": None}
-    text = sample.format_parameters(job, info)
-    assert text.endswith('Model: "my \\"model\\", v2", Eta: 0.5, Denoising strength: 0.3')
-    parsed, fields = sample.parse_parameters(text)
-    assert parsed == job and fields["Model"] == 'my "model", v2' and "VAE" not in fields
+@pytest.mark.parametrize("sampler, scheduler", [("dpmpp_2m", "karras"), ("euler_a", "normal"),
+                                                ("dpmpp_sde", "exponential")])
+def test_k_samplers_write_a1111_parameters_and_replay(tmp_path, ckpt, capsys, sampler, scheduler):
+    rc, out, _ = run_main(capsys, "a cat", "--ckpt", ckpt, "--sampler", sampler, "--scheduler", scheduler,
+                          "--steps", 4, "--seed", 9, "--out", tmp_path)
+    text = parameters(out.strip())
+    names = {"dpmpp_2m": "DPM++ 2M, Schedule type: Karras", "euler_a": "Euler a, Schedule type: Normal",
+             "dpmpp_sde": "DPM++ SDE, Schedule type: Exponential"}
+    assert rc == 0 and f"Steps: 4, Sampler: {names[sampler]}, CFG scale: 7.5, Seed: 9, " in text
+    assert "RNG: CPU" in text and "Eta" not in text
+    rc, out, _ = run_main(capsys, "--replay", out.strip(), "--ckpt", ckpt)
+    assert rc == 0 and out.startswith("match: identical pixels")
+
+
+def test_params_from_takes_an_a1111_pngs_settings(tmp_path, ckpt, capsys):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a red apple\nNegative prompt: blurry\nSteps: 3, Sampler: DPM++ 2M, Schedule type: "
+                  "Automatic, CFG scale: 6, Seed: 77, Size: 48x32, Model hash: 6ce0161689, Model: v1-5, Clip skip: 1, "
+                  "RNG: CPU, Version: v1.10.1")
+    Image.new("RGB", (48, 32)).save(tmp_path / "a1111.png", pnginfo=info)
+    rc, out, err = run_main(capsys, "--params-from", tmp_path / "a1111.png", "--ckpt", ckpt, "--out", tmp_path / "o")
+    made = parameters(out.strip())
+    assert rc == 0 and made.startswith("a red apple\nNegative prompt: blurry\nSteps: 3, Sampler: DPM++ 2M, "
+                                       "Schedule type: Karras, CFG scale: 6.0, Seed: 77, Size: 48x32, ")
+    assert Image.open(out.strip()).size == (48, 32) and "warning" not in err
+    rc, out, _ = run_main(capsys, "a green apple", "--params-from", tmp_path / "a1111.png", "--steps", 2,
+                          "--scheduler", "normal", "--ckpt", ckpt, "--out", tmp_path / "o")
+    made = parameters(out.strip())  # flags given win over the PNG's settings
+    assert rc == 0 and made.startswith("a green apple\nNegative prompt: blurry\nSteps: 2, Sampler: DPM++ 2M, "
+                                       "Schedule type: Normal, CFG scale: 6.0, Seed: 77, Size: 48x32")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "x\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Hires upscale: 2")
+    Image.new("RGB", (8, 8)).save(tmp_path / "hires.png", pnginfo=info)
+    rc, _, err = run_main(capsys, "--params-from", tmp_path / "hires.png", "--ckpt", ckpt, "--out", tmp_path / "h")
+    assert rc == 2 and "Hires upscale: 2, which this project does not have" in error_line(err)
 
 
 def test_n_images_use_consecutive_seeds_and_write_a_grid(tmp_path, ckpt, capsys):
@@ -163,7 +191,7 @@ def test_img2img_records_strength_and_replays(tmp_path, ckpt, capsys):
                           "--seed", 2, "--steps", 4, "--out", tmp_path)
     path = Path(out.strip())
     assert rc == 0 and Image.open(path).size == (64, 64)  # resized to the model's size
-    assert parameters(path).endswith("Eta: 0.0, Denoising strength: 0.5")
+    assert parameters(path).endswith("Denoising strength: 0.5, RNG: CPU, Eta: 0.0")
     rc, out, _ = run_main(capsys, "--replay", path, "--ckpt", ckpt, "--init-image", tmp_path / "init.png")
     assert rc == 0 and out.startswith("match")
     rc, _, err = run_main(capsys, "--replay", path, "--ckpt", ckpt)

@@ -1,0 +1,121 @@
+"""An image's generation settings as the text AUTOMATIC1111's web UI writes into its PNGs (the `parameters` text
+chunk), which ComfyUI, SD.Next and image sites read too:
+
+    a red apple on a table
+    Negative prompt: blurry
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 512x512, Model hash: ...
+
+`format_parameters` writes it for a Job, `parse_parameters` reads ours and A1111's back into a Job (the older
+"Sampler: DPM++ 2M Karras" form too). A setting that would change the pixels and that this project does not have
+(hires fix, another emphasis mode, a schedule it lacks) is an error naming it, never silently dropped.
+Standard library only.
+"""
+
+import json
+import re
+from dataclasses import dataclass
+
+from cli import UserError
+
+# our name -> A1111's (the sampler names of its UI; A1111 >= 1.9 writes the schedule as its own field)
+SAMPLER_NAMES = {"ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun", "lms": "LMS",
+                 "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_sde": "DPM++ SDE"}
+SCHEDULE_NAMES = {"normal": "Normal", "karras": "Karras", "exponential": "Exponential"}
+# A1111's "Automatic" schedule: the sampler's own default; "Uniform" and "Normal" both space t evenly from 999 to 0
+AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2m_sde": "exponential"}
+SCHEDULE_ALIASES = {"Uniform": "normal", "Normal": "normal", "Karras": "karras", "Exponential": "exponential"}
+ANCESTRAL = ("euler_a", "dpmpp_sde", "dpmpp_2m_sde")  # A1111 runs these at eta 1 unless its Eta field says otherwise
+# Fields that say where an image came from but not how its pixels were computed
+INFORMATIONAL = {"Model hash", "Model", "VAE hash", "VAE", "Version", "TI hashes", "Lora hashes", "RNG",
+                 "Emphasis", "Eta", "Denoising strength", "Schedule type", "Clip skip"}
+READ = {"Steps", "Sampler", "CFG scale", "Seed", "Size"}
+
+
+@dataclass
+class Job:
+    """One image: everything that decides its pixels besides the weights, embeddings and the init image."""
+    prompt: str
+    negative: str
+    seed: int
+    steps: int
+    cfg: float
+    width: int
+    height: int
+    sampler: str = "ddim"
+    scheduler: str = "normal"
+    eta: float = 0.0  # DDIM only
+    strength: float = None  # img2img only
+    clip_skip: int = 1
+
+
+def _quote(value) -> str:
+    text = str(value)
+    return json.dumps(text) if any(c in text for c in ',:"\n') else text  # as A1111 quotes such values
+
+
+def format_parameters(job: Job, model_info: dict) -> str:
+    """'prompt\\nNegative prompt: ...\\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, ...'.
+    model_info: Model hash, Model, VAE ... fields (None values are left out). The noise is the CPU's, per image:
+    A1111 reproduces it with its RNG source set to CPU, which the RNG field asks for."""
+    ddim = job.sampler == "ddim"
+    fields = {"Steps": job.steps, "Sampler": SAMPLER_NAMES[job.sampler],
+              "Schedule type": None if ddim else SCHEDULE_NAMES[job.scheduler], "CFG scale": job.cfg,
+              "Seed": job.seed, "Size": f"{job.width}x{job.height}", **model_info,
+              "Denoising strength": job.strength, "Clip skip": job.clip_skip if job.clip_skip != 1 else None,
+              "RNG": "CPU", "Eta": job.eta if ddim else None}
+    lines = [job.prompt] + ([f"Negative prompt: {job.negative}"] if job.negative else [])
+    return "\n".join(lines + [", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)])
+
+
+PARAM_RE = re.compile(r'\s*([\w][\w \-/()+]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def sampler_and_schedule(fields: dict) -> tuple[str, str]:
+    """(sampler, scheduler) from 'Sampler' and 'Schedule type', or the older 'Sampler: DPM++ 2M Karras' form."""
+    name, schedule = fields.get("Sampler", ""), fields.get("Schedule type")
+    if schedule is None:  # before A1111 1.9 the schedule was part of the sampler's name (none: evenly spaced)
+        for suffix, ours in ((" Karras", "karras"), (" Exponential", "exponential")):
+            if name.endswith(suffix):
+                name, schedule = name[:-len(suffix)], SCHEDULE_NAMES[ours]
+    sampler = {v: k for k, v in SAMPLER_NAMES.items()}.get(name)
+    if sampler is None:
+        raise UserError(f"sampler {fields.get('Sampler')!r} is not available; available: "
+                        + ", ".join(SAMPLER_NAMES.values()))
+    if schedule in (None, "Automatic"):
+        return sampler, AUTOMATIC.get(sampler, "normal") if schedule else "normal"
+    if schedule not in SCHEDULE_ALIASES or (sampler == "ddim" and SCHEDULE_ALIASES[schedule] != "normal"):
+        raise UserError(f"Schedule type {schedule!r} is not available for {name}; available: Automatic, "
+                        + ", ".join(SCHEDULE_ALIASES))
+    return sampler, SCHEDULE_ALIASES[schedule]
+
+
+def check_supported(fields: dict, sampler: str):
+    """Every field must be one this project reproduces or one that does not change the pixels."""
+    unknown = [f"{k}: {v}" for k, v in fields.items() if k not in READ | INFORMATIONAL]
+    if unknown:
+        raise UserError(f"the image's settings include {', '.join(unknown[:3])}, which this project does not have; "
+                        "generate without them (or take the prompt alone)")
+    if fields.get("Emphasis", "Original") != "Original":
+        raise UserError(f"Emphasis {fields['Emphasis']!r} is not available (only A1111's default, Original)")
+    if sampler in ANCESTRAL and float(fields.get("Eta", 1.0)) != 1.0:
+        raise UserError(f"Eta {fields['Eta']} with {SAMPLER_NAMES[sampler]} is not available (only 1, the default)")
+
+
+def parse_parameters(text: str) -> tuple[Job, dict]:
+    """The inverse of format_parameters, for ours and A1111's: (Job, every 'Key: value' field as a string)."""
+    *head, last = text.strip("\n").split("\n")
+    fields = {k: json.loads(v) if v.startswith('"') else v.strip() for k, v in PARAM_RE.findall(last)}
+    at = next((i for i, line in enumerate(head) if line.startswith("Negative prompt:")), len(head))
+    negative = "\n".join(head[at:])[len("Negative prompt:"):].strip()
+    sampler, scheduler = sampler_and_schedule(fields)
+    check_supported(fields, sampler)
+    try:
+        width, height = (int(v) for v in fields["Size"].split("x"))
+        job = Job("\n".join(head[:at]), negative, int(fields["Seed"]), int(fields["Steps"]),
+                  float(fields["CFG scale"]), width, height, sampler, scheduler,
+                  float(fields.get("Eta", 0.0)) if sampler == "ddim" else 0.0,
+                  float(fields["Denoising strength"]) if "Denoising strength" in fields else None,
+                  int(fields.get("Clip skip", 1)))
+    except (KeyError, ValueError) as e:
+        raise UserError(f"unreadable generation parameters ({type(e).__name__}: {e}) in: {last!r}") from None
+    return job, fields

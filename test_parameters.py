@@ -1,0 +1,69 @@
+"""parameters.py: the A1111 `parameters` text, written and read back, ours and A1111's own."""
+
+import pytest
+
+from cli import UserError
+from parameters import SAMPLER_NAMES, SCHEDULE_NAMES, Job, format_parameters, parse_parameters
+
+# The last line of PNGs the A1111 web UI writes (1.10: the schedule as its own field; before 1.9: in the name)
+A1111_NEW = ("Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, Size: 512x768, "
+             "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Clip skip: 2, RNG: CPU, Version: v1.10.1")
+A1111_OLD = ("Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 99, Size: 768x512, Model hash: e1441589a6, "
+             "Model: v1-5-pruned, Version: v1.6.0")
+
+
+def test_round_trip_with_quoted_values():
+    job = Job("a cat, sitting\non a mat", "dog: no", 42, 20, 6.5, 96, 64, eta=0.5, strength=0.3)
+    info = {"Model hash": "0123456789", "Model": 'my "model", v2', "VAE hash": None, "VAE": None}
+    text = format_parameters(job, info)
+    assert text.endswith('Model: "my \\"model\\", v2", Denoising strength: 0.3, RNG: CPU, Eta: 0.5')
+    parsed, fields = parse_parameters(text)
+    assert parsed == job and fields["Model"] == 'my "model", v2' and "VAE" not in fields
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLER_NAMES))
+def test_every_sampler_and_schedule_round_trips(sampler):
+    for scheduler in (["normal"] if sampler == "ddim" else list(SCHEDULE_NAMES)):
+        job = Job("p", "", 7, 25, 7.0, 512, 512, sampler, scheduler, clip_skip=2)
+        text = format_parameters(job, {})
+        assert f"Sampler: {SAMPLER_NAMES[sampler]}, " in text and "Clip skip: 2" in text
+        assert ("Schedule type" in text) == (sampler != "ddim") and ("Eta" in text) == (sampler == "ddim")
+        assert parse_parameters(text)[0] == job
+
+
+def test_reads_a1111_pngs_new_and_old():
+    job, fields = parse_parameters(f"a castle\nNegative prompt: blurry, lowres\n{A1111_NEW}")
+    assert job == Job("a castle", "blurry, lowres", 1234, 20, 7.0, 512, 768, "dpmpp_2m", "karras", clip_skip=2)
+    assert fields["Version"] == "v1.10.1"
+    job, _ = parse_parameters(f"a castle\n{A1111_OLD}")
+    assert (job.sampler, job.scheduler, job.cfg, job.width, job.height) == ("dpmpp_2m", "karras", 6.5, 768, 512)
+    cases = {"Sampler: Euler a": ("euler_a", "normal"),  # old form without a schedule: evenly spaced
+             "Sampler: DPM++ 2M": ("dpmpp_2m", "normal"),
+             "Sampler: DPM++ 2M, Schedule type: Automatic": ("dpmpp_2m", "karras"),  # A1111's default for it
+             "Sampler: DPM++ 2M SDE, Schedule type: Automatic": ("dpmpp_2m_sde", "exponential"),
+             "Sampler: Euler, Schedule type: Automatic": ("euler", "normal"),
+             "Sampler: LMS, Schedule type: Uniform": ("lms", "normal"),
+             "Sampler: Heun, Schedule type: Exponential": ("heun", "exponential"),
+             "Sampler: DDIM, Schedule type: Automatic": ("ddim", "normal"),
+             "Sampler: DPM++ SDE Karras": ("dpmpp_sde", "karras")}
+    for sampler, expect in cases.items():
+        job, _ = parse_parameters(f"x\nSteps: 20, {sampler}, CFG scale: 7, Seed: 1, Size: 512x512")
+        assert (job.sampler, job.scheduler) == expect, sampler
+
+
+@pytest.mark.parametrize("extra, expect", [
+    ("Sampler: UniPC", "sampler 'UniPC' is not available"),
+    ("Sampler: Euler, Schedule type: SGM Uniform", "Schedule type 'SGM Uniform' is not available"),
+    ("Sampler: DDIM, Schedule type: Karras", "Schedule type 'Karras' is not available for DDIM"),
+    ("Sampler: Euler, Hires upscale: 2, Hires steps: 10", "Hires upscale: 2, Hires steps: 10, which this project"),
+    ("Sampler: Euler, Emphasis: No norm", "Emphasis 'No norm' is not available"),
+    ("Sampler: Euler a, Eta: 0.67", "Eta 0.67 with Euler a is not available"),
+    ("Sampler: Euler, Seed: many", "unreadable generation parameters"),
+])
+def test_settings_this_project_lacks_are_one_line_errors(extra, expect):
+    text = f"x\nSteps: 20, {extra}, CFG scale: 7, Seed: 1, Size: 512x512"
+    if "Seed: many" in extra:
+        text = "x\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: many, Size: 512x512"
+    with pytest.raises(UserError) as e:
+        parse_parameters(text)
+    assert expect in str(e.value) and "\n" not in str(e.value)
