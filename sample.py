@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "a train.py run: its folder or a ckpt-<step>.pt (default: SD 1.5 fp16, downloaded on first use)")
     p.add_argument("--vae", type=Path, metavar="PATH", help="standalone VAE to use instead of the checkpoint's "
                    "(e.g. vae-ft-mse)")
+    p.add_argument("--embeddings", type=Path, metavar="DIR", help="textual-inversion embeddings (A1111 .pt or "
+                   ".safetensors files, or a folder of them): a prompt word equal to a file's name becomes its vectors")
     p.add_argument("--prediction", choices=["eps", "v"], help="U-Net prediction type (default: from the file; "
                    "SD 2.x is probed)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps")
@@ -86,6 +88,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
 import checkpoint
+import clip
 import ldm
 import vae as vae_lib
 
@@ -193,6 +196,10 @@ def load(args) -> tuple[ldm.LatentDiffusion, dict]:
         model.vae = vae.eval().requires_grad_(False)
         info.update({"VAE hash": checkpoint.file_sha256(args.vae)[:10] if args.vae.is_file() else None,
                      "VAE": args.vae.stem})
+    if args.embeddings:
+        names = model.load_embeddings(args.embeddings)
+        print(f"{len(names)} embedding{'s' * (len(names) != 1)} from {args.embeddings}: {', '.join(names)}",
+              file=sys.stderr)
     if device.type == "cuda":  # NHWC is the layout tensor-core convolutions use: ~20% off a replayed U-Net step
         model.unet.to(memory_format=torch.channels_last)
     if args.compile:
@@ -225,6 +232,25 @@ def check_size(model: ldm.LatentDiffusion, width: int, height: int, batch: int =
                         f"more than the {free / 2 ** 30:.1f} GiB free; decode in tiles (--tile 64), or make the "
                         "image or the batch smaller")
     return width, height
+
+
+def job_info(model: ldm.LatentDiffusion, job: Job, info: dict) -> dict:
+    """The model's fields for the parameters text, plus A1111's "TI hashes" of the embeddings this job's prompts use."""
+    used = model.embeddings_used([job.negative, job.prompt])
+    return {**info, "TI hashes": clip.ti_hashes(used) if used else None}
+
+
+def check_embeddings(model: ldm.LatentDiffusion, fields: dict, png: Path):
+    """Every embedding a PNG's "TI hashes" names must be loaded (--embeddings); a different file is a warning."""
+    loaded = {name: e.shorthash for name, e in model.embeddings.items()}
+    for entry in filter(None, (e.strip() for e in fields.get("TI hashes", "").split(","))):
+        name, _, want = entry.partition(":")
+        if name.strip() not in loaded:
+            raise UserError(f"{png} uses the embedding {name.strip()!r} (hash {want.strip()}); pass --embeddings with "
+                            "the folder that holds it")
+        if loaded[name.strip()] != want.strip():
+            print(f"warning: embedding {name.strip()} is {loaded[name.strip()]}, the image's was {want.strip()}",
+                  file=sys.stderr)
 
 
 def generate(model: ldm.LatentDiffusion, jobs: list[Job], init: torch.Tensor = None, tile: int = None,
@@ -273,11 +299,13 @@ def check_args(args):
         raise UserError(f"--out {args.out}: give a folder or a .png file (the parameters live in a PNG text chunk)")
 
 
-def run_generate(args) -> int:
+def run_generate(args, params_fields: dict = None) -> int:
     check_args(args)
     prompts = read_prompts(args)
     init_pil = read_image(args.init_image, "--init-image") if args.init_image else None
     model, info = load(args)
+    if params_fields:
+        check_embeddings(model, params_fields, args.params_from)
     width, height = check_size(model, args.width, args.height, args.batch_size, args.tile)
     init = image_tensor(init_pil, width, height) if init_pil else None
     seed = args.seed if args.seed not in (None, -1) else random.randrange(2 ** 32)  # -1: random, as in A1111
@@ -304,7 +332,7 @@ def run_generate(args) -> int:
             chunk = jobs[i:i + batch]
             images = generate(model, chunk, init, tile=args.tile, cuda_graph=not args.no_cuda_graph)
             for job, image in zip(chunk, images):
-                print(save_png(image, args.out, format_parameters(job, info)), flush=True)
+                print(save_png(image, args.out, format_parameters(job, job_info(model, job, info))), flush=True)
                 written.append(image)
     finally:
         if in_main:
@@ -350,9 +378,9 @@ def read_parameters(path: Path, flag: str) -> tuple[Image.Image, Job, dict]:
     return image, job, fields
 
 
-def take_parameters(args, explicit: set[str]):
-    """--params-from: the PNG's settings for every flag not given on the command line."""
-    _, job, _ = read_parameters(args.params_from, "--params-from")
+def take_parameters(args, explicit: set[str]) -> dict:
+    """--params-from: the PNG's settings for every flag not given on the command line; returns its fields."""
+    _, job, fields = read_parameters(args.params_from, "--params-from")
     settings = dict(prompt=job.prompt, negative=job.negative, steps=job.steps, sampler=job.sampler,
                     scheduler=job.scheduler, cfg=job.cfg, eta=job.eta, seed=job.seed, width=job.width,
                     height=job.height, clip_skip=job.clip_skip)
@@ -364,6 +392,7 @@ def take_parameters(args, explicit: set[str]):
     for name, value in settings.items():
         if name not in explicit:
             setattr(args, name, value)
+    return fields
 
 
 def run_replay(args) -> int:
@@ -375,6 +404,7 @@ def run_replay(args) -> int:
     if args.ckpt is None:
         args.ckpt = find_model(fields, args.replay)
     model, info = load(args)
+    check_embeddings(model, fields, args.replay)
     check_size(model, job.width, job.height, 1, args.tile)
     for key in ("Model hash", "VAE hash"):
         if fields.get(key) != info.get(key):
@@ -401,9 +431,8 @@ def main(argv: list[str] = None) -> int:
     explicit = explicit_flags(build_parser, argv)
 
     def job(_):
-        if args.params_from:
-            take_parameters(args, explicit)
-        return run_replay(args) if args.replay else run_generate(args)
+        fields = take_parameters(args, explicit) if args.params_from else {}
+        return run_replay(args) if args.replay else run_generate(args, fields)
 
     return run(job,
                errors=(checkpoint.CheckpointError,),

@@ -151,6 +151,23 @@ def test_params_from_takes_an_a1111_pngs_settings(tmp_path, ckpt, capsys):
     assert rc == 2 and "Hires upscale: 2, which this project does not have" in error_line(err)
 
 
+def test_embeddings_are_used_recorded_and_needed_for_replay(tmp_path, ckpt, capsys):
+    (tmp_path / "emb").mkdir()
+    torch.save({"string_to_param": {"*": torch.randn(2, 32, generator=torch.Generator().manual_seed(0))},
+                "string_to_token": {"*": 265}, "name": "shiny", "step": 100}, tmp_path / "emb" / "shiny.pt")
+    args = ("a shiny cat", "--ckpt", ckpt, *FAST, "--seed", 4)
+    rc, out, err = run_main(capsys, *args, "--embeddings", tmp_path / "emb", "--out", tmp_path / "a")
+    sha = hashlib.sha256((tmp_path / "emb" / "shiny.pt").read_bytes()).hexdigest()
+    assert rc == 0 and f'TI hashes: "shiny: {sha[:12]}"' in parameters(out.strip()) and "1 embedding" in err
+    rc, plain, _ = run_main(capsys, *args, "--out", tmp_path / "b")  # without it "shiny" is just a word
+    assert "TI hashes" not in parameters(plain.strip())
+    assert not np.array_equal(np.asarray(Image.open(out.strip())), np.asarray(Image.open(plain.strip())))
+    rc, _, err = run_main(capsys, "--replay", out.strip(), "--ckpt", ckpt)
+    assert rc == 2 and "uses the embedding 'shiny'" in error_line(err)
+    rc, res, _ = run_main(capsys, "--replay", out.strip(), "--ckpt", ckpt, "--embeddings", tmp_path / "emb")
+    assert rc == 0 and res.startswith("match")
+
+
 def test_n_images_use_consecutive_seeds_and_write_a_grid(tmp_path, ckpt, capsys):
     rc, out, _ = run_main(capsys, "a", "--ckpt", ckpt, "--seed", 10, "--n", 2, "--batch-size", 2, *FAST,
                           "--out", tmp_path)
