@@ -3,7 +3,7 @@ and `load_model` / `save_model`.
 
 A LatentDiffusion is three frozen-or-trained parts plus a schedule:
     vae           (vae.AutoencoderKL | vae.VQModel)  image [B, 3, H, W] in [-1, 1]  <->  latent [B, 4, H/8, W/8]
-    text_encoder  (clip.CLIPTextModel | clip.OpenCLIPTextModel)  tokens [B, 77]  ->  context [B, 77, D]
+    text_encoder  (clip.CLIPTextModel | clip.OpenCLIPTextModel)  tokens [B, 77]  ->  context [B, 77, D] per chunk
     unet          (unet.UNetModel)  (z_t [B, 4, h, w], t [B], context)  ->  eps or v
 Single-file checkpoints hold them under the prefixes in PREFIXES; every other key in such a file is either one
 that checkpoint.is_ignored knowingly drops or an error. Files are read and written by checkpoint.py.
@@ -326,7 +326,7 @@ def ddim_sample(model: LatentDiffusion, x: torch.Tensor, cond: torch.Tensor, *, 
                 guidance_scale: float = 7.5, eta: float = 0.0, generators: list[torch.Generator] = None,
                 start_step: int = 0, progress: bool = True, cuda_graph: bool = True) -> torch.Tensor:
     """Denoise latents x [B, C, h, w] from the noisiest grid point (or from `start_step` into the reversed grid, for
-    img2img). cond: the context [B, 77, D], or [2B, 77, D] as [uncond; cond] for CFG. eta = 0 is deterministic
+    img2img). cond: the context [B, 77 k, D], or [2B, 77 k, D] as [uncond; cond] for CFG. eta = 0 is deterministic
     DDIM, eta = 1 DDPM-like: image i's per-step noise continues its own generators[i] (drawn on the CPU, all steps
     up front, so the loop has no host-to-device copies). cuda_graph: on a CUDA device, replay each step as a
     captured graph (the same kernels, so the same numbers as eager)."""

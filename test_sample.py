@@ -231,20 +231,21 @@ def test_vae_swap_changes_the_image_and_is_recorded(tmp_path, ckpt, capsys):
 # errors: one line on stderr, exit code 2
 
 
-def test_missing_checkpoint_is_one_line_error(tmp_path):
-    r = cli("a", "--ckpt", tmp_path / "nope.safetensors", cwd=tmp_path)
-    assert r.returncode == 2 and "no such file" in error_line(r.stderr)
+def test_missing_checkpoint_is_one_line_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_main(capsys, "a", "--ckpt", tmp_path / "nope.safetensors")
+    assert rc == 2 and "no such file" in error_line(err)
     assert not (tmp_path / "outputs").exists()
 
 
-def test_failed_download_says_to_pass_ckpt(tmp_path):
+def test_failed_download_says_to_pass_ckpt(tmp_path, capsys, monkeypatch):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    r = cli("a", cwd=tmp_path, env={"LDM_HOME": str(tmp_path / "home"),
-                                    "LDM_MODEL_URL": f"http://127.0.0.1:{port}/m.safetensors"})
-    line = error_line(r.stderr)
-    assert r.returncode == 2 and "download of http://127.0.0.1" in line and "refused" in line.lower()
+    monkeypatch.setenv("LDM_MODEL_URL", f"http://127.0.0.1:{port}/m.safetensors")
+    rc, _, err = run_main(capsys, "a", "--out", tmp_path / "out")
+    line = error_line(err)
+    assert rc == 2 and "download of http://127.0.0.1" in line and "refused" in line.lower()
     assert "pass --ckpt PATH" in line
 
 

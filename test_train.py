@@ -625,6 +625,7 @@ def test_stage_presets_are_checked(tmp_path, capsys):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow  # ~4 s, two spawned ranks; the U-Net stage's DDP test runs by default, this one in CI's slow pass
 def test_two_process_autoencoder_matches_single_process_gradient(tmp_path):
     """Hand-averaged gradients over 2 ranks x 1 image x 2 micro-batches == one process with 4 images (the
     discriminator, whose BatchNorm sees per-rank batches, is still off)."""
