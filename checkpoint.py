@@ -746,7 +746,8 @@ IGNORED_KEYS = frozenset({
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
     "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-    "logvar", "lvlb_weights", "scale_factor"})
+    "logvar", "lvlb_weights", "scale_factor",
+    "denoiser.sigmas"})  # SDXL's schedule as sgm stores it (SD/SDXL-Turbo files), recomputed
 IGNORED_SUFFIXES = ("embeddings.position_ids",)
 
 

@@ -20,7 +20,7 @@ import os
 import random
 import sys
 import textwrap
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -243,11 +243,12 @@ def ddim_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
 
 
 def guided_output(model: LatentDiffusion, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
-                  guidance_scale: float) -> torch.Tensor:
+                  guidance_scale: float, y: torch.Tensor = None) -> torch.Tensor:
     """The U-Net output at x, t. CFG when cond holds twice x's batch ([uncond; cond], one batched pass):
-    out_u + s * (out_c - out_u)."""
+    out_u + s * (out_c - out_u). y: SDXL's conditioning vector, batched as cond ([uncond; cond])."""
     use_cfg = cond.shape[0] != x.shape[0]
-    out = model.unet(torch.cat([x, x]) if use_cfg else x, t, cond)
+    x = torch.cat([x, x]) if use_cfg else x
+    out = model.unet(x, t, cond) if y is None else model.unet(x, t, cond, y)
     if use_cfg:
         out_u, out_c = out.chunk(2)
         out = out_u + guidance_scale * (out_c - out_u)
@@ -262,10 +263,11 @@ def predict_eps_x0(model: LatentDiffusion, out: torch.Tensor, x: torch.Tensor, a
 
 
 def ddim_step(model: LatentDiffusion, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, a: torch.Tensor,
-              a_prev: torch.Tensor, noise: torch.Tensor, guidance_scale: float, eta: float) -> torch.Tensor:
+              a_prev: torch.Tensor, noise: torch.Tensor, y: torch.Tensor, guidance_scale: float,
+              eta: float) -> torch.Tensor:
     """One DDIM update x_t -> x_prev. t (B or 2B,) long; a, a_prev 0-dim float32 alphas_cumprod; noise like x
-    (unused when eta = 0)."""
-    out = guided_output(model, x, t, cond, guidance_scale)
+    (unused when eta = 0); y: SDXL's conditioning vector or None."""
+    out = guided_output(model, x, t, cond, guidance_scale, y)
     eps, x0 = predict_eps_x0(model, out.float(), x.float(), a)
     sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
     x = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).sqrt() * eps
@@ -281,10 +283,10 @@ class CUDAGraphStep:
     def __init__(self, fn):
         self.fn, self.graphs = fn, {}
 
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
-        key = tuple((a.shape, a.dtype) for a in args)
+    def __call__(self, *args: torch.Tensor | None) -> torch.Tensor:
+        key = tuple(None if a is None else (a.shape, a.dtype) for a in args)
         if key not in self.graphs:
-            static = [a.clone() for a in args]
+            static = [None if a is None else a.clone() for a in args]
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm up outside capture: cuDNN/cuBLAS pick and allocate workspaces here
@@ -297,7 +299,8 @@ class CUDAGraphStep:
             self.graphs[key] = graph, static, out
         graph, static, out = self.graphs[key]
         for s, a in zip(static, args):
-            s.copy_(a)
+            if a is not None:
+                s.copy_(a)
         graph.replay()
         return out.clone()
 
@@ -324,14 +327,16 @@ def draw_noise(generators: list[torch.Generator], shape: tuple, n: int) -> torch
 @torch.no_grad()
 def ddim_sample(model: LatentDiffusion, x: torch.Tensor, cond: torch.Tensor, *, steps: int = 50,
                 guidance_scale: float = 7.5, eta: float = 0.0, generators: list[torch.Generator] = None,
-                start_step: int = 0, progress: bool = True, cuda_graph: bool = True) -> torch.Tensor:
-    """Denoise latents x [B, C, h, w] from the noisiest grid point (or from `start_step` into the reversed grid, for
-    img2img). cond: the context [B, 77 k, D], or [2B, 77 k, D] as [uncond; cond] for CFG. eta = 0 is deterministic
-    DDIM, eta = 1 DDPM-like: image i's per-step noise continues its own generators[i] (drawn on the CPU, all steps
-    up front, so the loop has no host-to-device copies). cuda_graph: on a CUDA device, replay each step as a
-    captured graph (the same kernels, so the same numbers as eager)."""
+                start_step: int = 0, end_step: int = None, y: torch.Tensor = None, progress: bool = True,
+                cuda_graph: bool = True) -> torch.Tensor:
+    """Denoise latents x [B, C, h, w] over the reversed grid's steps start_step..end_step (all of them by default;
+    img2img starts later, a refiner takes over after end_step). cond: the context [B, 77 k, D], or [2B, 77 k, D] as
+    [uncond; cond] for CFG; y: SDXL's conditioning vector, batched as cond. eta = 0 is deterministic DDIM, eta = 1
+    DDPM-like: image i's per-step noise continues its own generators[i] (drawn on the CPU, all steps up front, so the
+    loop has no host-to-device copies). cuda_graph: on a CUDA device, replay each step as a captured graph (the
+    same kernels, so the same numbers as eager)."""
     timesteps = ddim_timesteps(steps, len(model.alphas_cumprod))
-    order = list(reversed(range(len(timesteps))))[start_step:]
+    order = list(reversed(range(len(timesteps))))[start_step:end_step]
     device = x.device
     ac = model.alphas_cumprod.to(device, torch.float32)
     t_all = torch.tensor(timesteps, device=device)
@@ -343,7 +348,7 @@ def ddim_sample(model: LatentDiffusion, x: torch.Tensor, cond: torch.Tensor, *, 
     run = step_function(model, lambda *a: ddim_step(model, *a, guidance_scale, eta), ("ddim", guidance_scale, eta),
                         cuda_graph, device)
     for n, i in enumerate(tqdm(order, desc="sampling", disable=not progress, leave=False)):
-        x = run(x, t_all[i].expand(cond.shape[0]), cond, a_all[i], a_prev_all[i], noise[n] if eta > 0 else noise)
+        x = run(x, t_all[i].expand(cond.shape[0]), cond, a_all[i], a_prev_all[i], noise[n] if eta > 0 else noise, y)
     return x
 
 
@@ -412,9 +417,11 @@ def k_denoiser(model: LatentDiffusion, guidance_scale: float, cuda_graph: bool, 
     c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1). x and the result are float32; sigma and t are
     0-dim float32 device tensors and cond an argument too (a captured CUDA graph reads its inputs' buffers), so the
     call can be replayed as a CUDA graph."""
-    def denoise(x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                y: torch.Tensor = None) -> torch.Tensor:
         c_in = 1 / (sigma ** 2 + 1) ** 0.5
-        out = guided_output(model, (x * c_in).to(model.dtype), t.expand(cond.shape[0]), cond, guidance_scale).float()
+        out = guided_output(model, (x * c_in).to(model.dtype), t.expand(cond.shape[0]), cond, guidance_scale, y)
+        out = out.float()
         if model.prediction_type == "v":
             return out * (-sigma / (sigma ** 2 + 1) ** 0.5) + x * (1 / (sigma ** 2 + 1))
         return x + out * -sigma
@@ -448,9 +455,9 @@ class SigmaSteps:
     which never wait on the device) and the denoiser's inputs as device tensors made before the loop: `D(x, i)`
     evaluates the denoiser at sigma_i, `D(x, i, mid=True)` at this step's midpoint sigma (DPM++ SDE)."""
 
-    def __init__(self, denoise, cond: torch.Tensor, sigmas: torch.Tensor, log_sigmas: torch.Tensor,
+    def __init__(self, denoise, cond: torch.Tensor, y: torch.Tensor, sigmas: torch.Tensor, log_sigmas: torch.Tensor,
                  device: torch.device, mid: torch.Tensor = None):
-        self.denoise, self.cond, self.cpu = denoise, cond, sigmas
+        self.denoise, self.cond, self.y, self.cpu = denoise, cond, y, sigmas
         points = sigmas if mid is None else torch.cat([sigmas, mid])
         self.sigma = points.to(device)
         self.t = sigma_to_t(points, log_sigmas).to(device)
@@ -461,7 +468,7 @@ class SigmaSteps:
 
     def D(self, x: torch.Tensor, i: int, mid: bool = False) -> torch.Tensor:
         j = self.mid_at + i if mid else i
-        return self.denoise(x, self.sigma[j], self.t[j], self.cond)
+        return self.denoise(x, self.sigma[j], self.t[j], self.cond, self.y)
 
 
 def sample_euler(s: SigmaSteps, x: torch.Tensor, noise, steps) -> torch.Tensor:
@@ -568,15 +575,16 @@ K_SAMPLERS = {"euler": sample_euler, "euler_a": sample_euler_a, "heun": sample_h
 
 @torch.no_grad()
 def k_sample(model: LatentDiffusion, x: torch.Tensor, cond: torch.Tensor, sigmas: torch.Tensor, sampler: str, *,
-             guidance_scale: float = 7.5, noise: torch.Tensor = None, progress: bool = True,
+             guidance_scale: float = 7.5, noise: torch.Tensor = None, y: torch.Tensor = None, progress: bool = True,
              cuda_graph: bool = True) -> torch.Tensor:
     """Denoise x [B, C, h, w] (float32, already at noise level sigmas[0]) down the schedule `sigmas` (CPU float32,
     ending in 0) with a k-diffusion sampler. cond: [uncond; cond] for CFG, as ddim_sample. noise: [draws, B, C, h, w],
-    the sampler's later random draws in order (noise_draws says how many), each image's from its own generator."""
+    the sampler's later random draws in order (noise_draws says how many), each image's from its own generator.
+    y: SDXL's conditioning vector, batched as cond. A schedule may end above 0 (a refiner takes over from there)."""
     device = x.device
     denoise = k_denoiser(model, guidance_scale, cuda_graph, device)
     mid = dpmpp_sde_midpoints(sigmas) if sampler == "dpmpp_sde" else None
-    s = SigmaSteps(denoise, cond, sigmas, model_sigmas(model).log(), device, mid)
+    s = SigmaSteps(denoise, cond, y, sigmas, model_sigmas(model).log(), device, mid)
     draws = iter(noise.to(device) if noise is not None else ())
     steps = tqdm(range(len(s)), desc="sampling", disable=not progress, leave=False)
     return K_SAMPLERS[sampler](s, x.float(), draws, steps)
@@ -645,59 +653,144 @@ def _per_image(value, n: int, what: str) -> list:
     return values
 
 
+@dataclass
+class Sizes:
+    """SDXL's added conditioning (micro-conditioning on sizes): the size the image is to look as if it had before
+    any resizing, the top-left corner of its crop, the size to make (base), or the aesthetic score (refiner; the
+    negative prompt gets its own, low, score). None sizes mean the image's (height, width), as the reference does."""
+    original_size: tuple[int, int] = None  # (height, width)
+    crop: tuple[int, int] = (0, 0)  # (top, left)
+    target_size: tuple[int, int] = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+
+
+def size_embedding(values: list[float]) -> torch.Tensor:
+    """[B, 256 n]: each of a row's n numbers as the U-Net's 256-wide sinusoidal timestep embedding, side by side."""
+    v = torch.tensor(values, dtype=torch.float32)  # [B, n]
+    return unet_lib.timestep_embedding(v.reshape(-1), 256).reshape(v.shape[0], -1)
+
+
+def conditioning(model: LatentDiffusion, prompts: list[str], negatives: list[str], *, use_cfg: bool, clip_skip: int,
+                 height: int, width: int, sizes: Sizes) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(context, y): what the U-Net attends to ([uncond; cond] with CFG) and, for SDXL, its conditioning vector
+    y = [pooled text | size embeddings]: base (original h, w, crop top, left, target h, w), refiner (original h, w,
+    crop top, left, aesthetic score). SDXL base gives an empty negative prompt zero embeddings, as diffusers
+    (force_zeros_for_empty_prompt)."""
+    texts = negatives + prompts if use_cfg else prompts
+    if not getattr(model.unet.cfg, "adm_in_channels", None):
+        return model.encode_prompt(texts, clip_skip=clip_skip), None
+    context, pooled = model.encode_prompt(texts, clip_skip=clip_skip, pooled=True)
+    refiner = model.text_encoder.clip_l is None
+    if use_cfg and not refiner:
+        empty = torch.tensor([n == "" for n in negatives] + [False] * len(prompts), device=context.device)
+        context, pooled = context.masked_fill(empty[:, None, None], 0), pooled.masked_fill(empty[:, None], 0)
+    orig, target = sizes.original_size or (height, width), sizes.target_size or (height, width)
+    scores = [sizes.negative_aesthetic_score] * len(negatives) * use_cfg + [sizes.aesthetic_score] * len(prompts)
+    rows = [[*orig, *sizes.crop, score] if refiner else [*orig, *sizes.crop, *target] for score in scores]
+    y = torch.cat([pooled.float().cpu(), size_embedding(rows)], dim=1)
+    return context, y.to(model.device, model.dtype)
+
+
+def switch_step(model: LatentDiffusion, sampler: str, scheduler: str, steps: int, fraction: float) -> int:
+    """How many steps of the schedule the base model runs before a refiner takes over at `fraction` of it: those at
+    timesteps >= round(1000 (1 - fraction)), as diffusers' denoising_end / denoising_start split them."""
+    cutoff = round(len(model.alphas_cumprod) * (1 - fraction))
+    if sampler == "ddim":
+        timesteps = torch.tensor(ddim_timesteps(steps, len(model.alphas_cumprod))[::-1], dtype=torch.float32)
+    else:
+        timesteps = sigma_to_t(get_sigmas(model, steps, scheduler)[:-1], model_sigmas(model).log())
+    return int((timesteps >= cutoff).sum())
+
+
+def denoise(model: LatentDiffusion, x: torch.Tensor, context: torch.Tensor, y: torch.Tensor, generators: list, *,
+            sampler: str, scheduler: str, steps: int, start: int, end: int, guidance_scale: float, eta: float,
+            progress: bool, cuda_graph: bool) -> torch.Tensor:
+    """Steps start..end of the sampler's schedule on the latents x, already at step `start`'s noise level."""
+    x = x.to(model.device)
+    if sampler == "ddim":
+        return ddim_sample(model, x.to(model.dtype), context, steps=steps, guidance_scale=guidance_scale, eta=eta,
+                           generators=generators, start_step=start, end_step=end, y=y, progress=progress,
+                           cuda_graph=cuda_graph)
+    sigmas = get_sigmas(model, steps, scheduler)[start:end + 1]
+    noise = draw_noise(generators, x.shape[1:], noise_draws(sampler, sigmas))
+    return k_sample(model, x, context, sigmas, sampler, guidance_scale=guidance_scale, noise=noise, y=y,
+                    progress=progress, cuda_graph=cuda_graph).to(model.dtype)
+
+
+def start_latents(model: LatentDiffusion, noise: torch.Tensor, z0: torch.Tensor | None, sampler: str,
+                  scheduler: str, steps: int, start: int) -> torch.Tensor:
+    """The latents at step `start` of the schedule: noise at the first noise level, or img2img's image latent z0
+    noised to step `start`'s."""
+    if sampler == "ddim":
+        if z0 is None:
+            return noise
+        t = ddim_timesteps(steps, len(model.alphas_cumprod))[steps - 1 - start] if start < steps else 0
+        return model.add_noise(z0, noise, torch.tensor([t])) if start < steps else z0
+    sigma = get_sigmas(model, steps, scheduler)[start]
+    return noise * sigma if z0 is None else z0 + noise * sigma
+
+
 @torch.no_grad()
 def sample(model: LatentDiffusion, prompts: list[str], *, negative_prompts: list[str] = None, height: int = None,
            width: int = None, steps: int = 50, guidance_scale: float = 7.5, eta: float = 0.0,
            seed: int | list[int] = None, sampler: str = "ddim", scheduler: str = "normal", clip_skip: int = 1,
-           init_image: torch.Tensor = None, strength: float = 0.75, progress: bool = True, output_type: str = "pil",
-           cuda_graph: bool = True, tile: int = None):
+           init_image: torch.Tensor = None, strength: float = 0.75, sizes: Sizes = None,
+           refiner: LatentDiffusion = None, refiner_switch: float = 0.8, progress: bool = True,
+           output_type: str = "pil", cuda_graph: bool = True, tile: int = None):
     """Text-to-image (or image-to-image with `init_image` in [-1, 1], [B or 1, 3, H, W]). Image i's noise comes from
     its own torch.Generator("cpu").manual_seed(seed + i) (or seed[i] for a list): its first latent, then every later
     draw of an ancestral or SDE sampler, so a seed gives the same image on every device and in any batch.
     sampler: one of SAMPLERS (ddim on its own timestep grid, with eta; the others on the `scheduler`'s sigmas).
     Prompts take A1111's syntax (weights, BREAK, long prompts, embeddings; see encode_prompt), with clip_skip.
-    img2img runs the last `strength` of the schedule from the image's latent noised to that point. cuda_graph: replay
-    the U-Net as a CUDA graph on a CUDA device; tile: decode in tiles of this many latent pixels. Returns PIL images,
-    or a [B, 3, H, W] tensor in [-1, 1]."""
+    img2img runs the last `strength` of the schedule from the image's latent noised to that point. SDXL: `sizes`
+    (its added conditioning), and a `refiner` that runs the schedule from `refiner_switch` of the way on (diffusers'
+    denoising_end / denoising_start). cuda_graph: replay the U-Net as a CUDA graph on a CUDA device; tile: decode in
+    tiles of this many latent pixels. Returns PIL images, or a [B, 3, H, W] tensor in [-1, 1]."""
+    f = model.downsample_factor
+    prompts, seeds, negatives = _check_sample_args(model, prompts, negative_prompts, seed, sampler, scheduler,
+                                                   init_image, strength, refiner_switch)
+    height, width = height or model.resolution, width or model.resolution
+    if height % f or width % f:
+        raise ValueError(f"height and width must be multiples of {f}, got {width}x{height}")
+    use_cfg, sizes = guidance_scale != 1.0, sizes or Sizes()
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    noise = draw_noise(generators, (model.latent_channels, height // f, width // f), 1)[0]  # [B, C, h, w]
+    z0 = None if init_image is None else model.encode_images(init_image.to(model.device)).float().cpu().expand(
+        noise.shape)
+    start = 0 if z0 is None else steps - min(int(steps * strength), steps)  # img2img runs the last int(s x steps)
+    switch = steps if refiner is None else max(start, switch_step(model, sampler, scheduler, steps, refiner_switch))
+    kw = dict(sampler=sampler, scheduler=scheduler, steps=steps, guidance_scale=guidance_scale, eta=eta,
+              progress=progress, cuda_graph=cuda_graph)
+    x = start_latents(model, noise, z0, sampler, scheduler, steps, start)
+    for part, first, last in ((model, start, switch), (refiner, switch, steps)):
+        if part is not None and first < last:
+            context, y = conditioning(part, prompts, negatives, use_cfg=use_cfg, clip_skip=clip_skip,
+                                      height=height, width=width, sizes=sizes)
+            x = denoise(part, x, context, y, generators, start=first, end=last, **kw)
+    images = decode(refiner or model, x.to((refiner or model).device), tile)
+    return to_pil(images) if output_type == "pil" else images
+
+
+def _check_sample_args(model, prompts, negative_prompts, seed, sampler, scheduler, init_image, strength,
+                       refiner_switch) -> tuple[list[str], list[int], list[str]]:
+    """(prompts, seeds, negative prompts) as lists, or a ValueError saying what is wrong."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; available: {', '.join(SAMPLERS)}")
     if sampler == "ddim" and scheduler != "normal":
         raise ValueError(f"ddim runs its own timestep grid; the scheduler ({scheduler}) is for the other samplers")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    B, device, f = len(prompts), model.device, model.downsample_factor
-    negative_prompts = [n or "" for n in _per_image(negative_prompts, B, "negative prompts")]
+    negatives = [n or "" for n in _per_image(negative_prompts, len(prompts), "negative prompts")]
     seed = random.randrange(2 ** 32) if seed is None else seed
-    seeds = [seed + i for i in range(B)] if isinstance(seed, int) else _per_image(seed, B, "seeds")
+    seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else _per_image(seed, len(prompts),
+                                                                                             "seeds")
     if not all(0 <= s < 2 ** 64 for s in seeds):  # what torch.Generator.manual_seed takes
         raise ValueError(f"seeds must be in 0..2**64 - 1, got {seeds}")
-    height, width = height or model.resolution, width or model.resolution
-    if height % f or width % f:
-        raise ValueError(f"height and width must be multiples of {f}, got {width}x{height}")
     if init_image is not None and not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
-
-    use_cfg = guidance_scale != 1.0
-    cond = model.encode_prompt(negative_prompts + prompts if use_cfg else prompts, clip_skip=clip_skip)
-    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    shape = (model.latent_channels, height // f, width // f)
-    latents = draw_noise(generators, shape, 1)[0]  # [B, C, h, w]
-    z0 = None if init_image is None else model.encode_images(init_image.to(device)).float().cpu().expand(latents.shape)
-    run = steps if z0 is None else min(int(steps * strength), steps)  # img2img runs the schedule's last `run` steps
-    if sampler == "ddim":
-        if z0 is not None:  # noise the image's latent to the point `strength` into the schedule
-            t = ddim_timesteps(steps, len(model.alphas_cumprod))[run - 1] if run else 0
-            latents = model.add_noise(z0, latents, torch.tensor([t])) if run else z0
-        x = ddim_sample(model, latents.to(device, model.dtype), cond, steps=steps, guidance_scale=guidance_scale,
-                        eta=eta, generators=generators, start_step=steps - run, progress=progress,
-                        cuda_graph=cuda_graph)
-    else:
-        sigmas = get_sigmas(model, steps, scheduler)[steps - run:]
-        x = latents * sigmas[0] if z0 is None else z0 + latents * sigmas[0]
-        noise = draw_noise(generators, shape, noise_draws(sampler, sigmas))
-        x = k_sample(model, x.to(device), cond, sigmas, sampler, guidance_scale=guidance_scale, noise=noise,
-                     progress=progress, cuda_graph=cuda_graph).to(model.dtype)
-    images = decode(model, x, tile)
-    return to_pil(images) if output_type == "pil" else images
+    if not 0.0 < refiner_switch < 1.0:
+        raise ValueError(f"refiner_switch must be in (0, 1), got {refiner_switch}")
+    return prompts, seeds, negatives
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -74,6 +74,7 @@ PRESETS: dict[str, AutoencoderConfig] = {
                                  ch_mult=(1, 2, 2), num_res_blocks=1),
 }
 PRESETS["sd"] = replace(PRESETS["kl-f8"])  # SD 1.x/2.x VAE is the kl-f8 autoencoder
+PRESETS["sdxl"] = replace(PRESETS["kl-f8"], scale_factor=0.13025)  # the same architecture, retrained: its latent scale
 
 
 # ----------------------------------------------------------------------------- leaf blocks
