@@ -26,8 +26,9 @@ AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2m_sde": "expon
 SCHEDULE_ALIASES = {"Uniform": "normal", "Normal": "normal", "Karras": "karras", "Exponential": "exponential"}
 ANCESTRAL = ("euler_a", "dpmpp_sde", "dpmpp_2m_sde")  # A1111 runs these at eta 1 unless its Eta field says otherwise
 # Fields that say where an image came from but not how its pixels were computed
-INFORMATIONAL = {"Model hash", "Model", "VAE hash", "VAE", "Version", "TI hashes", "Lora hashes", "RNG",
-                 "Emphasis", "Eta", "Denoising strength", "Schedule type", "Clip skip"}
+INFORMATIONAL = {"Model hash", "Model", "VAE hash", "VAE", "Version", "TI hashes", "Lora hashes", "RNG", "Refiner",
+                 "Emphasis", "Eta", "Denoising strength", "Schedule type", "Clip skip", "Refiner switch at",
+                 "Original size", "Target size", "Crop top-left", "Aesthetic score"}
 READ = {"Steps", "Sampler", "CFG scale", "Seed", "Size"}
 
 
@@ -46,11 +47,20 @@ class Job:
     eta: float = 0.0  # DDIM only
     strength: float = None  # img2img only
     clip_skip: int = 1
+    original_size: tuple[int, int] = None  # SDXL: (width, height), as Size
+    target_size: tuple[int, int] = None  # SDXL base
+    crop: tuple[int, int] = None  # SDXL: (top, left)
+    aesthetic_score: float = None  # SDXL refiner
+    refiner_switch: float = None  # SDXL: where a refiner took over
 
 
 def _quote(value) -> str:
     text = str(value)
     return json.dumps(text) if any(c in text for c in ',:"\n') else text  # as A1111 quotes such values
+
+
+def _pair_text(pair: tuple[int, int] | None) -> str | None:
+    return None if pair is None else f"{pair[0]}x{pair[1]}"
 
 
 def format_parameters(job: Job, model_info: dict) -> str:
@@ -61,8 +71,11 @@ def format_parameters(job: Job, model_info: dict) -> str:
     fields = {"Steps": job.steps, "Sampler": SAMPLER_NAMES[job.sampler],
               "Schedule type": None if ddim else SCHEDULE_NAMES[job.scheduler], "CFG scale": job.cfg,
               "Seed": job.seed, "Size": f"{job.width}x{job.height}", **model_info,
-              "Denoising strength": job.strength, "Clip skip": job.clip_skip if job.clip_skip != 1 else None,
-              "RNG": "CPU", "Eta": job.eta if ddim else None}
+              "Refiner switch at": job.refiner_switch, "Denoising strength": job.strength,
+              "Clip skip": job.clip_skip if job.clip_skip != 1 else None,
+              "Original size": _pair_text(job.original_size), "Target size": _pair_text(job.target_size),
+              "Crop top-left": _pair_text(job.crop),
+              "Aesthetic score": job.aesthetic_score, "RNG": "CPU", "Eta": job.eta if ddim else None}
     lines = [job.prompt] + ([f"Negative prompt: {job.negative}"] if job.negative else [])
     return "\n".join(lines + [", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)])
 
@@ -101,6 +114,10 @@ def check_supported(fields: dict, sampler: str):
         raise UserError(f"Eta {fields['Eta']} with {SAMPLER_NAMES[sampler]} is not available (only 1, the default)")
 
 
+def _pair(text: str | None) -> tuple[int, int] | None:
+    return None if text is None else tuple(int(v) for v in text.split("x"))
+
+
 def parse_parameters(text: str) -> tuple[Job, dict]:
     """The inverse of format_parameters, for ours and A1111's: (Job, every 'Key: value' field as a string)."""
     *head, last = text.strip("\n").split("\n")
@@ -115,7 +132,9 @@ def parse_parameters(text: str) -> tuple[Job, dict]:
                   float(fields["CFG scale"]), width, height, sampler, scheduler,
                   float(fields.get("Eta", 0.0)) if sampler == "ddim" else 0.0,
                   float(fields["Denoising strength"]) if "Denoising strength" in fields else None,
-                  int(fields.get("Clip skip", 1)))
+                  int(fields.get("Clip skip", 1)), *(_pair(fields.get(k)) for k in ("Original size", "Target size",
+                                                                                     "Crop top-left")),
+                  *(float(fields[k]) if k in fields else None for k in ("Aesthetic score", "Refiner switch at")))
     except (KeyError, ValueError) as e:
         raise UserError(f"unreadable generation parameters ({type(e).__name__}: {e}) in: {last!r}") from None
     return job, fields

@@ -56,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1, help="images per prompt (more than one also writes a grid)")
     p.add_argument("--batch-size", type=int, default=1, metavar="N", help="images denoised together: faster on a "
                    "GPU, more memory (batched float maths may change a pixel by 1 against --replay)")
+    p.add_argument("--refiner", type=Path, metavar="PATH", help="SDXL: a refiner checkpoint (sd_xl_refiner_1.0) that "
+                   "runs the end of the schedule")
+    p.add_argument("--refiner-switch", type=float, default=0.8, metavar="F", help="SDXL: the fraction of the "
+                   "schedule the base runs before the refiner takes over")
+    p.add_argument("--original-size", type=int, nargs=2, metavar=("W", "H"), help="SDXL: the size the image should "
+                   "look as if it had before resizing (default: --width --height)")
+    p.add_argument("--target-size", type=int, nargs=2, metavar=("W", "H"), help="SDXL base: the size conditioning's "
+                   "target (default: --width --height)")
+    p.add_argument("--crop", type=int, nargs=2, default=[0, 0], metavar=("TOP", "LEFT"), help="SDXL: the top-left "
+                   "corner of the crop the image should look cut from")
+    p.add_argument("--aesthetic-score", type=float, default=6.0, help="SDXL refiner: the aesthetic score to "
+                   "condition on (the negative prompt gets 2.5)")
     p.add_argument("--init-image", type=Path, metavar="PATH", help="img2img: start from this image (resized to the "
                    "output size)")
     p.add_argument("--strength", type=float, default=0.75, help="img2img: fraction of the steps to run (1 ignores "

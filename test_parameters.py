@@ -31,6 +31,15 @@ def test_every_sampler_and_schedule_round_trips(sampler):
         assert parse_parameters(text)[0] == job
 
 
+def test_sdxl_settings_round_trip():
+    job = Job("p", "", 1, 30, 5.0, 1024, 768, "euler", "normal", original_size=(2048, 1536), target_size=(1024, 768),
+              crop=(16, 0), aesthetic_score=6.5, refiner_switch=0.8)
+    text = format_parameters(job, {"Refiner": "sd_xl_refiner_1.0 [7440042bbd]"})
+    assert "Original size: 2048x1536, Target size: 1024x768, Crop top-left: 16x0, Aesthetic score: 6.5" in text
+    assert "Refiner: sd_xl_refiner_1.0 [7440042bbd], Refiner switch at: 0.8" in text
+    assert parse_parameters(text)[0] == job
+
+
 def test_reads_a1111_pngs_new_and_old():
     job, fields = parse_parameters(f"a castle\nNegative prompt: blurry, lowres\n{A1111_NEW}")
     assert job == Job("a castle", "blurry, lowres", 1234, 20, 7.0, 512, 768, "dpmpp_2m", "karras", clip_skip=2)
