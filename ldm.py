@@ -665,6 +665,11 @@ class Sizes:
     negative_aesthetic_score: float = 2.5
 
 
+def is_sdxl(model: LatentDiffusion) -> bool:
+    """An SDXL base or refiner: its U-Net takes the conditioning vector y beside the context."""
+    return bool(getattr(model.unet.cfg, "adm_in_channels", None))
+
+
 def size_embedding(values: list[float]) -> torch.Tensor:
     """[B, 256 n]: each of a row's n numbers as the U-Net's 256-wide sinusoidal timestep embedding, side by side."""
     v = torch.tensor(values, dtype=torch.float32)  # [B, n]
@@ -678,7 +683,7 @@ def conditioning(model: LatentDiffusion, prompts: list[str], negatives: list[str
     crop top, left, aesthetic score). SDXL base gives an empty negative prompt zero embeddings, as diffusers
     (force_zeros_for_empty_prompt)."""
     texts = negatives + prompts if use_cfg else prompts
-    if not getattr(model.unet.cfg, "adm_in_channels", None):
+    if not is_sdxl(model):
         return model.encode_prompt(texts, clip_skip=clip_skip), None
     context, pooled = model.encode_prompt(texts, clip_skip=clip_skip, pooled=True)
     refiner = model.text_encoder.clip_l is None

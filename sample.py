@@ -265,20 +265,50 @@ def check_embeddings(model: ldm.LatentDiffusion, fields: dict, png: Path):
                   file=sys.stderr)
 
 
+def _height_width(size: tuple[int, int] | None) -> tuple[int, int] | None:
+    return None if size is None else (size[1], size[0])  # the PNG's and the flags' width x height -> (h, w)
+
+
 def generate(model: ldm.LatentDiffusion, jobs: list[Job], init: torch.Tensor = None, tile: int = None,
-             cuda_graph: bool = True) -> list[Image.Image]:
+             cuda_graph: bool = True, refiner: ldm.LatentDiffusion = None) -> list[Image.Image]:
     """The images of jobs that share every setting but prompt, negative prompt and seed."""
     job = jobs[0]
+    sizes = ldm.Sizes(original_size=_height_width(job.original_size), target_size=_height_width(job.target_size),
+                      crop=tuple(job.crop or (0, 0)), aesthetic_score=job.aesthetic_score or 6.0)
     try:
         return ldm.sample(model, [j.prompt for j in jobs], negative_prompts=[j.negative for j in jobs],
                           seed=[j.seed for j in jobs], steps=job.steps, guidance_scale=job.cfg, eta=job.eta,
                           height=job.height, width=job.width, sampler=job.sampler, scheduler=job.scheduler,
-                          clip_skip=job.clip_skip, init_image=init, strength=job.strength or 0.75, tile=tile,
+                          clip_skip=job.clip_skip, init_image=init, strength=job.strength or 0.75, sizes=sizes,
+                          refiner=refiner, refiner_switch=job.refiner_switch or 0.8, tile=tile,
                           cuda_graph=cuda_graph)
     except ldm.NonFiniteError as e:
         raise UserError(f"{e} (--dtype fp32 or bf16 may help)") from None
     except ValueError as e:  # settings ldm.sample refuses (e.g. from a --replay PNG)
         raise UserError(str(e)) from None
+
+
+def sdxl_settings(model: ldm.LatentDiffusion, args, width: int, height: int, refiner) -> dict:
+    """The Job fields of SDXL's size conditioning and refiner (none for other models)."""
+    if not ldm.is_sdxl(model):
+        return {}
+    return dict(original_size=tuple(args.original_size or (width, height)),
+                target_size=tuple(args.target_size or (width, height)), crop=tuple(args.crop),
+                aesthetic_score=args.aesthetic_score if refiner is not None else None,
+                refiner_switch=args.refiner_switch if refiner is not None else None)
+
+
+def load_refiner(args, model: ldm.LatentDiffusion) -> tuple[ldm.LatentDiffusion | None, dict]:
+    """--refiner: an SDXL refiner beside an SDXL base, on the same device and dtype, and its PNG fields."""
+    if args.refiner is None:
+        return None, {}
+    if not ldm.is_sdxl(model):
+        raise UserError("--refiner goes with an SDXL base checkpoint (--ckpt sd_xl_base_1.0.safetensors)")
+    refiner = ldm.load_model(args.refiner, device=model.device, dtype=model.dtype)
+    if not ldm.is_sdxl(refiner) or refiner.text_encoder.clip_l is not None:
+        raise UserError(f"--refiner {args.refiner}: not an SDXL refiner (it should hold one text encoder, bigG)")
+    digest = checkpoint.file_sha256(args.refiner)[:10] if args.refiner.is_file() else "-"
+    return refiner, {"Refiner": f"{args.refiner.stem} [{digest}]"}
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -322,8 +352,11 @@ def run_generate(args, params_fields: dict = None) -> int:
     init = image_tensor(init_pil, width, height) if init_pil else None
     seed = args.seed if args.seed not in (None, -1) else random.randrange(2 ** 32)  # -1: random, as in A1111
     print(f"seed {seed}" + (f" (images use {seed}..{seed + args.n - 1})" if args.n > 1 else ""), file=sys.stderr)
+    refiner, refiner_info = load_refiner(args, model)
+    info = {**info, **refiner_info}
+    sdxl = sdxl_settings(model, args, width, height, refiner)
     jobs = [Job(p, args.negative or "", seed + i, args.steps, args.cfg, width, height, args.sampler,
-                args.scheduler, args.eta, args.strength if init is not None else None, args.clip_skip)
+                args.scheduler, args.eta, args.strength if init is not None else None, args.clip_skip, **sdxl)
             for p in prompts for i in range(args.n)]
     batch = args.batch_size
     stop = []
@@ -342,7 +375,7 @@ def run_generate(args, params_fields: dict = None) -> int:
             if stop:
                 break
             chunk = jobs[i:i + batch]
-            images = generate(model, chunk, init, tile=args.tile, cuda_graph=not args.no_cuda_graph)
+            images = generate(model, chunk, init, tile=args.tile, cuda_graph=not args.no_cuda_graph, refiner=refiner)
             for job, image in zip(chunk, images):
                 print(save_png(image, args.out, format_parameters(job, job_info(model, job, info))), flush=True)
                 written.append(image)
@@ -415,7 +448,10 @@ def run_replay(args) -> int:
     init_pil = read_image(args.init_image, "--init-image") if job.strength is not None else None
     if args.ckpt is None:
         args.ckpt = find_model(fields, args.replay)
+    if job.refiner_switch is not None and args.refiner is None:
+        raise UserError(f"{args.replay} was made with a refiner ({fields.get('Refiner', '?')}); pass it as --refiner")
     model, info = load(args)
+    refiner, _ = load_refiner(args, model)
     check_embeddings(model, fields, args.replay)
     check_size(model, job.width, job.height, 1, args.tile)
     for key in ("Model hash", "VAE hash"):
@@ -424,7 +460,7 @@ def run_replay(args) -> int:
                   "it was made with", file=sys.stderr)
     init = image_tensor(init_pil, job.width, job.height) if init_pil else None
     old = np.asarray(image.convert("RGB"), dtype=np.int16)
-    new = generate(model, [job], init, tile=args.tile, cuda_graph=not args.no_cuda_graph)[0]
+    new = generate(model, [job], init, tile=args.tile, cuda_graph=not args.no_cuda_graph, refiner=refiner)[0]
     new = np.asarray(new, dtype=np.int16)
     if old.shape != new.shape:
         print(f"mismatch: the image is {old.shape[1]}x{old.shape[0]}, its parameters say {job.width}x{job.height}")
