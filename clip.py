@@ -8,9 +8,13 @@ Text encoders, parameter names mirroring the public single-file checkpoints:
   `cond_stage_model.transformer.text_model.` (transformers' CLIPTextModel names).
 - `OpenCLIPTextModel` (SD2, OpenCLIP ViT-H/14 text tower): keys of an SD2 file minus `cond_stage_model.model.`,
   fused `in_proj_weight` attention, conditioning taken from the penultimate block.
-`convert_diffusers` maps a diffusers `text_encoder/` state dict (transformers layout) onto these names.
-Both take `clip_skip` (A1111's "Clip skip": N = the hidden states N - 1 blocks before the usual layer, then the final
-LayerNorm) and `fixes` (vectors that replace token embedding rows: textual-inversion embeddings).
+- `SDXLTextEncoder` (SDXL): `clip_l`, a CLIPTextModel (CLIP ViT-L; absent from the refiner), and `clip_g`, an
+  OpenCLIPTextModel (OpenCLIP ViT-bigG, with its text_projection). Context = the two penultimate layers' raw hidden
+  states (no final LayerNorm) side by side, [B, 77, 768 + 1280]; pooled = bigG's projected EOT vector [B, 1280].
+`convert_diffusers` maps a diffusers `text_encoder/` (and for SDXL `text_encoder_2/`) state dict (transformers layout)
+onto these names. All take `clip_skip` (A1111's "Clip skip": N = the hidden states N - 1 blocks before the usual
+layer, then the final LayerNorm, which SDXL's context goes without) and `fixes` (vectors that replace token embedding
+rows: textual-inversion embeddings).
 
 Prompts, as AUTOMATIC1111's web UI reads them with its "Original" emphasis:
 - `parse_prompt_attention`: "(text)" x1.1, "[text]" /1.1, "(text:1.3)", nesting multiplies, "\\(" etc. literal,
@@ -19,9 +23,11 @@ Prompts, as AUTOMATIC1111's web UI reads them with its "Original" emphasis:
   chunk, the comma rule at a chunk's end, textual-inversion names matched on token sequences; `.batch` pads a list
   of prompts to one chunk count with empty-prompt chunks;
 - `encode_chunks`: all chunks through the text encoder, `apply_emphasis` (weights, then each chunk rescaled to its
-  unweighted mean, per prompt), concatenated to [B, 77 k, D];
-- `read_embedding` / `Embedding` / `ti_hashes`: A1111 .pt, .safetensors (emb_params) and diffusers learned_embeds
-  files, read with checkpoint's restricted readers; the sha256 shorthash A1111 writes as "TI hashes".
+  unweighted mean, per prompt; for SDXL per encoder), concatenated to [B, 77 k, D] (SDXL: and the pooled vector of
+  each prompt's first chunk, as A1111);
+- `read_embedding` / `Embedding` / `ti_hashes`: A1111 .pt, .safetensors (emb_params; SDXL: clip_l + clip_g) and
+  diffusers learned_embeds files, read with checkpoint's restricted readers; the sha256 shorthash A1111 writes as
+  "TI hashes".
 The Tokenizer's own __call__ still cuts at 77 tokens (with a warning): training captions use it.
 """
 import gzip
@@ -33,7 +39,7 @@ import os
 import re
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import ftfy
@@ -177,16 +183,54 @@ class TextConfig:
     layers: int = 12
     heads: int = 12
     act: str = "quick_gelu"  # "quick_gelu" (OpenAI CLIP) | "gelu" (OpenCLIP ViT-H)
-    layer: str = "last"  # "last" | "penultimate": which block's output feeds the final LayerNorm
+    layer: str = "last"  # "last" | "penultimate": which block's output is the context (through the final LayerNorm)
     embed_dim: int | None = None  # text_projection width; openclip only, None -> no projection/logit_scale
+    final_norm: bool = True  # False: the context is that block's raw output (SDXL); the pooled vector keeps the norm
 
 
+@dataclass
+class SDXLTextConfig:
+    """SDXL's text side: `clip_l` (a "clip" TextConfig; None for the refiner, which has OpenCLIP bigG only) and
+    `clip_g` (an "openclip" TextConfig with embed_dim, for the pooled vector). `layout` marks it in model metadata;
+    asdict() of it is what text_config reads back."""
+    clip_l: TextConfig | None
+    clip_g: TextConfig
+    layout: str = "sdxl"
+
+
+_SDXL = dict(layer="penultimate", final_norm=False)  # SDXL conditions on the raw penultimate hidden states
 PRESETS = {
     "sd1": TextConfig(layout="clip", width=768, layers=12, heads=12, act="quick_gelu", layer="last"),
     "sd2": TextConfig(layout="openclip", width=1024, layers=24, heads=16, act="gelu", layer="penultimate",
                       embed_dim=1024),
     "tiny": TextConfig(layout="clip", width=32, layers=2, heads=2, act="quick_gelu", layer="last"),
+    # SDXL: CLIP ViT-L exactly as SD 1.x's, and OpenCLIP ViT-bigG (SD 2.x's layout at 1280 wide, 32 blocks)
+    "sdxl-l": TextConfig(layout="clip", width=768, layers=12, heads=12, act="quick_gelu", **_SDXL),
+    "sdxl-g": TextConfig(layout="openclip", width=1280, layers=32, heads=20, act="gelu", embed_dim=1280, **_SDXL),
+    # test-sized SDXL text encoders: two widths that differ, so a swapped part cannot go unnoticed
+    "tiny-sdxl-l": TextConfig(layout="clip", width=32, layers=2, heads=2, act="quick_gelu", **_SDXL),
+    "tiny-sdxl-g": TextConfig(layout="openclip", width=48, layers=2, heads=2, act="gelu", embed_dim=40, **_SDXL),
 }
+PRESETS.update({  # whole SDXL text sides (build_text_encoder builds an SDXLTextEncoder from these)
+    "sdxl": SDXLTextConfig(PRESETS["sdxl-l"], PRESETS["sdxl-g"]),
+    "sdxl-refiner": SDXLTextConfig(None, PRESETS["sdxl-g"]),
+    "tiny-sdxl": SDXLTextConfig(PRESETS["tiny-sdxl-l"], PRESETS["tiny-sdxl-g"]),
+    "tiny-sdxl-refiner": SDXLTextConfig(None, PRESETS["tiny-sdxl-g"]),
+})
+
+
+def text_config(value) -> "TextConfig | SDXLTextConfig":
+    """The text side's config from a PRESETS name, a config, or a config's asdict() (model metadata, read back from
+    JSON): a dict with layout "sdxl" is an SDXLTextConfig, any other a TextConfig. Unknown fields are a TypeError."""
+    if isinstance(value, str):
+        return PRESETS[value]
+    if isinstance(value, (TextConfig, SDXLTextConfig)):
+        return value
+    value = dict(value)
+    if value.get("layout") != "sdxl":
+        return TextConfig(**value)
+    parts = {k: None if value.get(k) is None else TextConfig(**value[k]) for k in ("clip_l", "clip_g")}
+    return SDXLTextConfig(**{**value, **parts})
 
 # -------------------------------------------------------------------------------------------------------------------
 # Leaf blocks
@@ -276,7 +320,8 @@ class ResidualAttentionBlock(nn.Module):
 def n_blocks_run(cfg: TextConfig, clip_skip: int = 1) -> int:
     """How many blocks run before the final LayerNorm. clip_skip (A1111's "Clip skip") counts back from the
     model's usual layer: 1 = that layer (SD1: the last block, as transformers' hidden_states[-1]; SD2: the
-    penultimate one), N = N - 1 blocks earlier (SD1: hidden_states[-N]). At least one block must run."""
+    penultimate one; SDXL: each encoder's penultimate one, transformers' hidden_states[-2]), N = N - 1 blocks earlier
+    (SD1: hidden_states[-N]; SDXL: hidden_states[-N - 1], diffusers' clip_skip=N - 1). At least one block must run."""
     assert cfg.layer in ("last", "penultimate"), cfg.layer
     usual = cfg.layers - (cfg.layer == "penultimate")  # SD2 conditions on the output of the second-to-last block
     if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= usual:
@@ -301,9 +346,29 @@ def replace_rows(x: torch.Tensor, fixes: list[list[tuple[int, torch.Tensor]]] | 
 # Text encoders
 
 
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, n: int, to_end: bool = False):
+    """(output of blocks[:n], output of all blocks if to_end else None): the context comes from block n, a pooled
+    vector from the last block whatever clip_skip says (as A1111 and diffusers take it). x: [B, L, C]."""
+    for block in blocks[:n]:
+        x = block(x)
+    if not to_end:
+        return x, None
+    last = x
+    for block in blocks[n:]:
+        last = block(last)
+    return x, last
+
+
+def eot_rows(x: torch.Tensor, tokens: torch.LongTensor) -> torch.Tensor:
+    """x [B, L, C] at each row's EOT token: the highest id (49407), its first occurrence (pads are 0 or EOT)."""
+    return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # [B, C]
+
+
 class CLIPTextModel(nn.Module):
-    """SD1 text encoder. forward(tokens [B, 77]) -> final_layer_norm(hidden states) [B, 77, width].
-    clip_skip and fixes: see n_blocks_run and replace_rows."""
+    """SD1 text encoder (and SDXL's CLIP-L). forward(tokens [B, 77]) -> final_layer_norm(hidden states) [B, 77, width]
+    (without the norm when cfg.final_norm is False); pooled=True -> (that, pooled [B, width]), transformers'
+    pooler_output: the final-normed last layer at EOT (no projection). clip_skip and fixes: see n_blocks_run and
+    replace_rows."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -315,20 +380,22 @@ class CLIPTextModel(nn.Module):
         self.encoder = nn.ModuleDict(dict(layers=nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.layers))))
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=1e-5)
 
-    def forward(self, tokens: torch.LongTensor, clip_skip: int = 1, fixes=None) -> torch.Tensor:
+    def forward(self, tokens: torch.LongTensor, clip_skip: int = 1, fixes=None, pooled: bool = False):
         n = n_blocks_run(self.cfg, clip_skip)
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = replace_rows(self.embeddings.token_embedding(tokens), fixes)
         x = x + self.embeddings.position_embedding(positions)  # (B, L, C)
-        for layer in self.encoder.layers[:n]:
-            x = layer(x)
-        return self.final_layer_norm(x)
+        x, last = run_blocks(self.encoder.layers, x, n, to_end=pooled)
+        context = self.final_layer_norm(x) if self.cfg.final_norm else x
+        return (context, self.final_layer_norm(eot_rows(last, tokens))) if pooled else context
 
 
 class OpenCLIPTextModel(nn.Module):
-    """SD2 text encoder. forward(tokens [B, 77]) -> ln_final(penultimate block output) [B, 77, width].
-    clip_skip and fixes: see n_blocks_run and replace_rows.
-    text_projection / logit_scale are never used for conditioning; they exist so a full SD2 file loads strictly."""
+    """SD2 text encoder (and SDXL's bigG). forward(tokens [B, 77]) -> ln_final(penultimate block output) [B, 77, width]
+    (without ln_final when cfg.final_norm is False); pooled=True -> (that, pooled [B, embed_dim]) = ln_final(last
+    block)[EOT] @ text_projection, as open_clip's encode_text. clip_skip and fixes: see n_blocks_run and replace_rows.
+    SD2 never uses text_projection / logit_scale (they exist so a full SD2 file loads strictly); nothing uses
+    logit_scale."""
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -344,16 +411,109 @@ class OpenCLIPTextModel(nn.Module):
         self.ln_final = nn.LayerNorm(cfg.width, eps=1e-5)
         nn.init.normal_(self.positional_embedding, std=0.01)
 
-    def forward(self, tokens: torch.LongTensor, clip_skip: int = 1, fixes=None) -> torch.Tensor:
+    def forward(self, tokens: torch.LongTensor, clip_skip: int = 1, fixes=None, pooled: bool = False):
         n = n_blocks_run(self.cfg, clip_skip)
+        if pooled and self.cfg.embed_dim is None:
+            raise ValueError("this text encoder has no text_projection, so no pooled vector (set embed_dim)")
         x = replace_rows(self.token_embedding(tokens), fixes) + self.positional_embedding[:tokens.shape[1]]  # (B, L, C)
-        for block in self.transformer.resblocks[:n]:
-            x = block(x)
-        return self.ln_final(x)
+        x, last = run_blocks(self.transformer.resblocks, x, n, to_end=pooled)
+        context = self.ln_final(x) if self.cfg.final_norm else x
+        return (context, self.ln_final(eot_rows(last, tokens)) @ self.text_projection) if pooled else context
 
 
-def build_text_encoder(cfg: TextConfig) -> nn.Module:
+EOT_ID = 49407  # the last id of CLIP's vocabulary: both SDXL tokenizers end a prompt with it
+
+
+def pad_after_eot(tokens: torch.LongTensor, pad_id: int) -> torch.LongTensor:
+    """tokens [B, L] with every position after each row's first EOT set to pad_id (rows without EOT unchanged):
+    the same chunks padded as SD 1.x / CLIP-L (EOT) or as open_clip / bigG (0) expect."""
+    is_eot = tokens == EOT_ID
+    first = torch.where(is_eot.any(dim=1), is_eot.int().argmax(dim=1), tokens.shape[1])  # [B]
+    after = torch.arange(tokens.shape[1], device=tokens.device)[None] > first[:, None]
+    return tokens.masked_fill(after, pad_id)
+
+
+def split_fixes(fixes, widths: list[int]) -> list:
+    """Per-encoder fixes from fixes whose vectors hold every encoder's part side by side ([n, sum(widths)], in
+    context order): one list like `fixes` per width, or None for each when fixes is None."""
+    if fixes is None:
+        return [None] * len(widths)
+    for row in fixes:
+        for _, vectors in row:
+            if vectors.shape[-1] != sum(widths):
+                raise ValueError(f"embedding vectors {vectors.shape[-1]} wide for text encoders "
+                                 f"{' + '.join(map(str, widths))} = {sum(widths)} wide")
+    return [[[(at, vectors.split(widths, dim=-1)[i]) for at, vectors in row] for row in fixes]
+            for i in range(len(widths))]
+
+
+class SDXLTextEncoder(nn.Module):
+    """SDXL's two text encoders: `clip_l` (CLIPTextModel, CLIP ViT-L; None in the refiner) and `clip_g`
+    (OpenCLIPTextModel, OpenCLIP ViT-bigG with its text_projection), built from SDXLTextEncoder(cfg_l, cfg_g); `cfg`
+    is their SDXLTextConfig.
+    forward(tokens [B, 77]) -> context [B, 77, 768 + 1280]: each encoder's (clip_skip-chosen) raw penultimate hidden
+    states, CLIP-L first (the refiner: bigG's 1280 alone); pooled=True -> (context, pooled [B, 1280]): bigG's
+    projected EOT vector after all its blocks. Each encoder gets the rows padded its own way (pad_after_eot: CLIP-L
+    EOT, bigG 0), so any CLIP tokenizer's rows will do. fixes: vectors [n, sum(widths)], the parts side by side.
+    State dict: clip_l.<SD 1.x text_model names> and clip_g.<OpenCLIP names>; a single file holds them under
+    conditioner.embedders.0.transformer.text_model. and conditioner.embedders.1.model. (refiner:
+    conditioner.embedders.0.model.)."""
+
+    PAD_L, PAD_G = EOT_ID, 0
+
+    def __init__(self, cfg_l: TextConfig | None, cfg_g: TextConfig):
+        super().__init__()
+        if cfg_l is not None and cfg_l.layout != "clip":
+            raise ValueError(f"SDXL's CLIP-L needs the 'clip' layout, got {cfg_l.layout!r}")
+        if cfg_g.layout != "openclip" or cfg_g.embed_dim is None:
+            raise ValueError("SDXL's bigG needs the 'openclip' layout with embed_dim (its pooled projection)")
+        self.cfg = SDXLTextConfig(cfg_l, cfg_g)
+        self.clip_l = None if cfg_l is None else CLIPTextModel(cfg_l)  # registered first: the file's order
+        self.clip_g = OpenCLIPTextModel(cfg_g)
+
+    @property
+    def cfg_l(self) -> TextConfig | None:
+        return self.cfg.clip_l
+
+    @property
+    def cfg_g(self) -> TextConfig:
+        return self.cfg.clip_g
+
+    @property
+    def embedding_widths(self) -> dict[str, int]:
+        """{part: width} in context order, as SDXL embedding files name the parts: clip_l 768, clip_g 1280."""
+        parts = {"clip_l": self.clip_l, "clip_g": self.clip_g}
+        return {name: m.cfg.width for name, m in parts.items() if m is not None}
+
+    @property
+    def widths(self) -> list[int]:
+        return list(self.embedding_widths.values())
+
+    def forward(self, tokens: torch.LongTensor, clip_skip: int = 1, fixes=None, pooled: bool = False):
+        *fixes_l, fixes_g = split_fixes(fixes, self.widths)
+        for cfg in (self.cfg_l, self.cfg_g):  # a bad clip_skip fails before either encoder runs
+            if cfg is not None:
+                n_blocks_run(cfg, clip_skip)
+        contexts = []  # fixes_l: [] for the refiner, else [CLIP-L's fixes]
+        if self.clip_l is not None:
+            contexts.append(self.clip_l(pad_after_eot(tokens, self.PAD_L), clip_skip, fixes_l[0]))
+        out = self.clip_g(pad_after_eot(tokens, self.PAD_G), clip_skip, fixes_g, pooled=pooled)
+        context_g, vector = out if pooled else (out, None)
+        context = torch.cat([*contexts, context_g], dim=-1)  # [B, 77, 768 + 1280]
+        return (context, vector) if pooled else context
+
+
+def build_text_encoder(cfg: "TextConfig | SDXLTextConfig") -> nn.Module:
+    if isinstance(cfg, SDXLTextConfig):
+        return SDXLTextEncoder(cfg.clip_l, cfg.clip_g)
     return {"clip": CLIPTextModel, "openclip": OpenCLIPTextModel}[cfg.layout](cfg)
+
+
+def embedding_width(text_encoder: nn.Module) -> "int | dict[str, int]":
+    """What read_embedding checks a file against: the text encoder's width, or SDXL's {part: width}."""
+    if isinstance(text_encoder, SDXLTextEncoder):
+        return text_encoder.embedding_widths
+    return text_encoder.cfg.width
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -371,10 +531,15 @@ OPENCLIP_TOP_NAMES = {
 }
 
 
-def config_from_diffusers(config_json: dict) -> TextConfig:
+def config_from_diffusers(config_json: dict | None, config_2: dict = None) -> "TextConfig | SDXLTextConfig":
     """TextConfig from a transformers CLIPTextConfig dict (a diffusers `text_encoder/config.json`).
     quick_gelu -> SD1 "clip" layout; gelu -> SD2, whose diffusers export is OpenCLIP's first 23 blocks, so the
-    last of them is the penultimate layer and layer="last" reproduces SD2's conditioning."""
+    last of them is the penultimate layer and layer="last" reproduces SD2's conditioning.
+    With config_2 (an SDXL folder's `text_encoder_2/config.json`, CLIPTextModelWithProjection): the SDXLTextConfig of
+    both (config_json None: the refiner, which has no `text_encoder/`). SDXL's exports keep every layer, and SDXL
+    conditions on the raw penultimate ones (diffusers' hidden_states[-2]); bigG's projection is projection_dim wide."""
+    if config_2 is not None:
+        return _sdxl_config_from_diffusers(config_json, config_2)
     act = config_json["hidden_act"]
     width = config_json["hidden_size"]
     assert config_json.get("intermediate_size", 4 * width) == 4 * width, "MLP width must be 4 x hidden_size"
@@ -387,9 +552,27 @@ def config_from_diffusers(config_json: dict) -> TextConfig:
     )
 
 
-def convert_diffusers(state_dict: dict[str, torch.Tensor], cfg: TextConfig) -> dict[str, torch.Tensor]:
+def _sdxl_config_from_diffusers(config_l: dict | None, config_g: dict) -> SDXLTextConfig:
+    cfg_l = None if config_l is None else replace(config_from_diffusers(config_l), **_SDXL)
+    cfg_g = replace(config_from_diffusers(config_g), embed_dim=config_g.get("projection_dim", config_g["hidden_size"]),
+                    **_SDXL)
+    if cfg_l is not None and cfg_l.layout != "clip":
+        raise ValueError(f"text_encoder/ of an SDXL folder must be CLIP ViT-L (quick_gelu), got {cfg_l.act}")
+    if cfg_g.layout != "openclip":
+        raise ValueError(f"text_encoder_2/ of an SDXL folder must be OpenCLIP bigG (gelu), got {cfg_g.act}")
+    return SDXLTextConfig(cfg_l, cfg_g)
+
+
+def convert_diffusers(state_dict: dict[str, torch.Tensor] | None, cfg: "TextConfig | SDXLTextConfig",
+                      state_dict_2: dict[str, torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """diffusers `text_encoder/` state dict (transformers CLIPTextModel, with or without the `text_model.` level)
-    -> our names for `cfg.layout`."""
+    -> our names for `cfg.layout`. For an SDXLTextConfig: state_dict is `text_encoder/`'s (None for the refiner),
+    state_dict_2 `text_encoder_2/`'s (CLIPTextModelWithProjection), and the result SDXLTextEncoder's state dict."""
+    if isinstance(cfg, SDXLTextConfig):
+        parts = [("clip_g.", state_dict_2, cfg.clip_g)]
+        if cfg.clip_l is not None:
+            parts.insert(0, ("clip_l.", state_dict, cfg.clip_l))
+        return {prefix + k: v for prefix, sd, part in parts for k, v in convert_diffusers(sd, part).items()}
     sd = {k.removeprefix("text_model."): v for k, v in state_dict.items() if not k.endswith("position_ids")}
     if cfg.layout == "clip":
         return sd  # SD1 names are transformers' names
@@ -406,6 +589,12 @@ def convert_diffusers(state_dict: dict[str, torch.Tensor], cfg: TextConfig) -> d
             qkv = [src + f"self_attn.{n}_proj.{p}" for n in "qkv"]  # stacked q, k, v as nn.MultiheadAttention does
             out[dst + f"attn.in_proj_{p}"] = torch.cat([sd[k] for k in qkv])
             used.update(qkv)
+    if cfg.embed_dim is not None and "text_projection.weight" in sd:  # SDXL's text_encoder_2
+        projection = sd["text_projection.weight"]  # nn.Linear weight [embed_dim, width] = P transposed
+        out["text_projection"] = projection.t().contiguous()
+        # unused, and diffusers does not keep it; CLIP's initial temperature stands in so a strict load succeeds
+        out["logit_scale"] = torch.tensor(math.log(1 / 0.07), dtype=projection.dtype, device=projection.device)
+        used.add("text_projection.weight")
     assert used == set(sd), f"unexpected keys in diffusers text encoder: {sorted(set(sd) - used)}"
     return out
 
@@ -524,47 +713,92 @@ def embedding_files(path: str | os.PathLike) -> list[Path]:
     return [path]
 
 
-def read_embedding(path: str | os.PathLike, width: int | None = None) -> Embedding:
+FAMILY_WIDTHS = {768: "SD 1.x models", 1024: "SD 2.x models"}  # a single-encoder embedding's width -> its models
+SDXL_PARTS = "clip_l [n, 768] + clip_g [n, 1280]"  # what an SDXL embedding file holds
+
+
+def read_embedding(path: str | os.PathLike, width: "int | dict[str, int] | None" = None) -> Embedding:
     """One embedding file, named by its stem: A1111's .pt ({"string_to_param": {"*": [n, D]}, ...}), a .safetensors
-    with "emb_params" [n, D], or the diffusers form {token: [D] or [n, D]} (.bin or .safetensors). Pickles go through
-    checkpoint's restricted unpickler. A file that is none of these, or whose vectors are not `width` wide, is a
-    one-line CheckpointError."""
+    with "emb_params" [n, D], the diffusers form {token: [D] or [n, D]} (.bin or .safetensors), or an SDXL file
+    {"clip_l": [n, 768], "clip_g": [n, 1280]}. Pickles go through checkpoint's restricted unpickler.
+    width: the model's (embedding_width): an int for SD 1.x / 2.x, for SDXL the {part: width} of its encoders in
+    context order, whose parts the vectors then hold side by side ([n, 768 + 1280]; the refiner: clip_g's [n, 1280]);
+    None: no check (an SDXL file gives clip_l and clip_g side by side). A file that is none of these, or does not fit
+    the model, is a one-line CheckpointError."""
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
         data, _ = checkpoint.read_safetensors(path)
     else:
         data = checkpoint.read_pickle_checkpoint(path)
-    vectors = _embedding_vectors(data, path)
-    n, found = vectors.shape
-    if width is not None and found != width:
-        raise checkpoint.CheckpointError(
-            f"{path}: a textual-inversion embedding {found} wide, and this model's text encoder is {width} wide; "
-            f"use an embedding made for this model family (SD 1.x: 768, SD 2.x: 1024)")
+    parts = width if isinstance(width, dict) else None
+    if isinstance(data, dict) and "clip_l" in data and "clip_g" in data:
+        vectors = _sdxl_vectors(data, path, parts or {"clip_l": None, "clip_g": None}, width)
+    else:
+        vectors = _embedding_vectors(data, path)
+        _check_width(path, vectors.shape[1], width)
+    n = len(vectors)
     if not 1 <= n <= CHUNK_TOKENS:
         raise checkpoint.CheckpointError(f"{path}: an embedding of {n} vectors; 1 to {CHUNK_TOKENS} fit in a prompt")
     return Embedding(path.stem, vectors, str(path), _sha256(path))
 
 
+def _check_width(path: Path, found: int, width):
+    """A single-encoder embedding [n, found] against the model's width (an int, SDXL's parts, or None)."""
+    if isinstance(width, dict):
+        fits = FAMILY_WIDTHS.get(found, f"{found}-wide text encoders")
+        raise checkpoint.CheckpointError(
+            f"{path}: a textual-inversion embedding {found} wide, which fits {fits}; this SDXL model needs an SDXL "
+            f"embedding ({SDXL_PARTS})")
+    if width is not None and found != width:
+        raise checkpoint.CheckpointError(
+            f"{path}: a textual-inversion embedding {found} wide, and this model's text encoder is {width} wide; "
+            f"use an embedding made for this model family (SD 1.x: 768, SD 2.x: 1024, SDXL: {SDXL_PARTS})")
+
+
+def _sdxl_vectors(data: dict, path: Path, parts: dict, width) -> torch.Tensor:
+    """An SDXL file's vectors for the model's parts ({name: width or None}), side by side: [n, sum of widths]."""
+    if width is not None and not isinstance(width, dict):
+        raise checkpoint.CheckpointError(
+            f"{path}: an SDXL textual-inversion embedding ({SDXL_PARTS}), which fits SDXL models; this model's text "
+            f"encoder is {width} wide (SD 1.x: 768, SD 2.x: 1024)")
+    tensors = [_as_vectors(data[name], path, name) for name in parts]
+    for name, t in zip(parts, tensors):
+        if parts[name] is not None and t.shape[1] != parts[name]:
+            raise checkpoint.CheckpointError(f"{path}: an SDXL embedding whose {name} is {t.shape[1]} wide; this "
+                                             f"model's {name} text encoder is {parts[name]} wide")
+    if len({len(t) for t in tensors}) > 1:
+        counts = ", ".join(f"{name} {len(t)}" for name, t in zip(parts, tensors))
+        raise checkpoint.CheckpointError(f"{path}: an SDXL embedding with unequal vector counts ({counts})")
+    return torch.cat(tensors, dim=1)
+
+
+def _refusal(path: Path, what: str) -> checkpoint.CheckpointError:
+    return checkpoint.CheckpointError(f"{path}: {what}; pass an A1111 (.pt, .safetensors) or diffusers "
+                                      f"(learned_embeds) textual-inversion embedding")
+
+
 def _embedding_vectors(data, path: Path) -> torch.Tensor:
-    """The [n, D] float32 vectors of an embedding file's contents, copied out of the file's memory map."""
-    def refuse(what: str):
-        return checkpoint.CheckpointError(f"{path}: {what}; pass an A1111 (.pt, .safetensors) or diffusers "
-                                          f"(learned_embeds) textual-inversion embedding")
+    """The [n, D] float32 vectors of a single-encoder embedding file's contents, copied out of the file's memory
+    map."""
     if not isinstance(data, dict):
-        raise refuse(f"not a textual-inversion embedding (it holds a {type(data).__name__})")
-    if "clip_l" in data and "clip_g" in data:
-        raise refuse("an SDXL embedding (clip_l + clip_g), which SD 1.x / 2.x text encoders cannot use")
+        raise _refusal(path, f"not a textual-inversion embedding (it holds a {type(data).__name__})")
     terms = data.get("string_to_param")
     terms = terms if isinstance(terms, dict) else {"emb_params": data["emb_params"]} if "emb_params" in data else data
     tensors = [v for v in terms.values() if isinstance(v, torch.Tensor)]
     if len(terms) != 1 or len(tensors) != 1:
         keys = ", ".join(sorted(map(str, terms)))[:120]
-        raise refuse(f"not one embedding tensor (keys: {keys or 'none'})")
-    t = tensors[0]
-    t = t[None] if t.dim() == 1 else t
-    if t.dim() != 2 or not t.is_floating_point() or t.numel() == 0:
-        raise refuse(f"an embedding tensor of shape {list(tensors[0].shape)} and dtype {t.dtype}, not [n, width]")
-    return t.detach().to(torch.float32, copy=True).contiguous()
+        raise _refusal(path, f"not one embedding tensor (keys: {keys or 'none'})")
+    return _as_vectors(tensors[0], path, "embedding")
+
+
+def _as_vectors(t, path: Path, what: str) -> torch.Tensor:
+    """A file's tensor as [n, D] float32 vectors ([D] -> [1, D]), copied out of the file's memory map."""
+    if not isinstance(t, torch.Tensor):
+        raise _refusal(path, f"its {what} is a {type(t).__name__}, not a tensor")
+    v = t[None] if t.dim() == 1 else t
+    if v.dim() != 2 or not v.is_floating_point() or v.numel() == 0:
+        raise _refusal(path, f"its {what} tensor has shape {list(t.shape)} and dtype {t.dtype}, not [n, width]")
+    return v.detach().to(torch.float32, copy=True).contiguous()
 
 
 def _sha256(path: Path) -> str:
@@ -728,15 +962,27 @@ def apply_emphasis(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def encode_chunks(text_encoder: nn.Module, prompts: list[PromptChunks], clip_skip: int = 1) -> torch.Tensor:
+def encode_chunks(text_encoder: nn.Module, prompts: list[PromptChunks], clip_skip: int = 1, pooled: bool = False):
     """[B, 77 k, D]: every chunk of every prompt (all k chunks each, see PromptChunker.batch) through the text
-    encoder in one batch, embeddings put in, emphasis applied per chunk, each prompt's chunks concatenated along
-    the token axis. On the text encoder's device, in its dtype."""
+    encoder in one batch, embeddings put in, emphasis applied per chunk (SDXL: per encoder, as A1111 wraps each
+    encoder on its own), each prompt's chunks concatenated along the token axis. On the text encoder's device, in its
+    dtype. pooled=True: (that, pooled [B, P]), SDXL's pooled vector of each prompt's FIRST chunk (as A1111 takes it;
+    no emphasis), or None for a text encoder without one (SD 1.x / 2.x)."""
     if len({len(p.tokens) for p in prompts}) > 1:
         raise ValueError("prompts encoded together need the same chunk count: use PromptChunker.batch")
     param = next(text_encoder.parameters())
     tokens = torch.cat([p.tokens for p in prompts]).to(param.device)  # [B k, 77]
     fixes = [[(at, e.vectors) for at, e in chunk] for p in prompts for chunk in p.fixes]
-    z = text_encoder(tokens, clip_skip=clip_skip, fixes=fixes if any(fixes) else None)  # [B k, 77, D]
-    z = apply_emphasis(z, torch.cat([p.weights for p in prompts]).to(param.device))
-    return z.reshape(len(prompts), -1, z.shape[-1])
+    sdxl = isinstance(text_encoder, SDXLTextEncoder)
+    out = text_encoder(tokens, clip_skip=clip_skip, fixes=fixes if any(fixes) else None,
+                       **({"pooled": True} if pooled and sdxl else {}))
+    z, vector = out if pooled and sdxl else (out, None)  # [B k, 77, D], [B k, P]
+    weights = torch.cat([p.weights for p in prompts]).to(param.device)
+    if sdxl:
+        z = torch.cat([apply_emphasis(part, weights) for part in z.split(text_encoder.widths, dim=-1)], dim=-1)
+    else:
+        z = apply_emphasis(z, weights)
+    z = z.reshape(len(prompts), -1, z.shape[-1])
+    if not pooled:
+        return z
+    return z, None if vector is None else vector.reshape(len(prompts), -1, vector.shape[-1])[:, 0]

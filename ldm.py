@@ -76,6 +76,9 @@ PREFIXES = {
     "vae": "first_stage_model.",
     "clip": "cond_stage_model.transformer.text_model.",    # SD 1.x, transformers CLIPTextModel names
     "openclip": "cond_stage_model.model.",                 # SD 2.x, OpenCLIP names
+    "sdxl_l": "conditioner.embedders.0.transformer.text_model.",  # SDXL base: CLIP-L (SD 1.x's names)
+    "sdxl_g": "conditioner.embedders.1.model.",            # SDXL base: OpenCLIP bigG (SD 2.x's names)
+    "refiner_g": "conditioner.embedders.0.model.",         # SDXL refiner: bigG alone
 }
 
 # Whole-model presets: which part presets go together, and the facts the weights cannot tell. The latent scale
@@ -85,7 +88,21 @@ PRESETS = {
     "sd2": dict(unet="sd2", vae="sd", text="sd2", prediction_type="v", resolution=768),
     "tiny": dict(unet="tiny", vae="tiny-kl", text="tiny", prediction_type="eps", resolution=64),
     "small": dict(unet="small", vae="tiny-kl", text="tiny", prediction_type="eps", resolution=64),
+    "sdxl": dict(unet="sdxl", vae="sdxl", text="sdxl", prediction_type="eps", resolution=1024),
+    "sdxl-refiner": dict(unet="sdxl-refiner", vae="sdxl", text="sdxl-refiner", prediction_type="eps",
+                         resolution=1024),
 }
+
+
+def text_parts(text_encoder: nn.Module) -> dict[str, str]:
+    """{prefix in the text encoder's state dict: prefix in a single file}: one part for SD 1.x / 2.x, CLIP-L and
+    bigG (clip_l., clip_g.) for the SDXL base, bigG alone for the refiner."""
+    layout = text_encoder.cfg.layout
+    if layout != "sdxl":
+        return {"": PREFIXES[layout]}
+    if text_encoder.clip_l is None:
+        return {"clip_g.": PREFIXES["refiner_g"]}
+    return {"clip_l.": PREFIXES["sdxl_l"], "clip_g.": PREFIXES["sdxl_g"]}
 
 
 class LatentDiffusion(nn.Module):
@@ -127,16 +144,22 @@ class LatentDiffusion(nn.Module):
         return self.vae.scale_factor
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
+    def encode_prompt(self, prompts: list[str], clip_skip: int = 1, pooled: bool = False):
         """[B, 77 k, D]: what the U-Net cross-attends to, in the model's dtype, on its device. Prompts are read as
         AUTOMATIC1111's web UI reads them (clip.PromptChunker): "(word:1.2)", "(word)", "[word]", BREAK, names of
         embeddings loaded with load_embeddings; chunks of 75 tokens, each encoded on its own and concatenated.
         All prompts of one call are padded with empty-prompt chunks to the same chunk count k, so prompts and
         negative prompts encoded together line up. clip_skip: 1 = the model's usual layer, N = N - 1 layers
-        before it (A1111's "Clip skip"). A plain prompt of up to 75 tokens gives exactly the text encoder's output
-        for its 77-token row."""
+        before it (A1111's "Clip skip"; SDXL: in both encoders). A plain prompt of up to 75 tokens gives exactly the
+        text encoder's output for its 77-token row. SDXL: D = 768 + 1280 (the refiner: 1280).
+        pooled=True: (context, pooled) with SDXL's pooled bigG vector of each prompt's first chunk [B, 1280], or
+        None for SD 1.x / 2.x."""
         chunks = self.prompt_chunker().batch(list(prompts))
-        return clip.encode_chunks(self.text_encoder, chunks, clip_skip).to(self.device, self.dtype)
+        out = clip.encode_chunks(self.text_encoder, chunks, clip_skip, pooled=pooled)
+        if not pooled:
+            return out.to(self.device, self.dtype)
+        context, vector = out
+        return context.to(self.device, self.dtype), None if vector is None else vector.to(self.device, self.dtype)
 
     def prompt_chunker(self) -> clip.PromptChunker:
         """The chunker encode_prompt uses: this model's tokenizer and loaded embeddings."""
@@ -151,9 +174,9 @@ class LatentDiffusion(nn.Module):
         """Load textual-inversion embeddings from a file (A1111 .pt / .safetensors, diffusers learned_embeds) or a
         folder of them (subfolders included), each named by its file stem; a prompt word (token sequence) equal to a
         name is replaced by its vectors. A name loaded again is replaced. All files are read before any is added, so
-        a bad one (a one-line CheckpointError, e.g. an SD 2.x embedding on SD 1.x) changes nothing. Returns the
-        names loaded."""
-        width = self.text_encoder.cfg.width
+        a bad one (a one-line CheckpointError, e.g. an SD 2.x embedding on SD 1.x) changes nothing. SDXL takes SDXL
+        files (clip_l + clip_g: each encoder gets its own vectors). Returns the names loaded."""
+        width = clip.embedding_width(self.text_encoder)  # SDXL: {"clip_l": 768, "clip_g": 1280}
         loaded = [clip.read_embedding(p, width) for p in clip.embedding_files(path)]
         for e in loaded:
             if not self.tokenizer.encode(e.name):
@@ -200,10 +223,16 @@ class LatentDiffusion(nn.Module):
         return a.sqrt() * z0 + (1 - a).sqrt() * noise
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
-        """The state dict under the public single-file SD key names (plus the schedule buffers SD files carry)."""
-        parts = {"unet": self.unet, "vae": self.vae, self.text_encoder.cfg.layout: self.text_encoder}
-        sd = {PREFIXES[name] + k: v for name, module in parts.items() for k, v in module.state_dict().items()}
-        sd.update(schedule_buffers(make_schedule()))
+        """The state dict under the public single-file key names (plus the schedule buffers SD 1.x/2.x files carry;
+        SDXL files have none)."""
+        sd = {PREFIXES[name] + k: v for name, module in (("unet", self.unet), ("vae", self.vae))
+              for k, v in module.state_dict().items()}
+        parts = text_parts(self.text_encoder)
+        for k, v in self.text_encoder.state_dict().items():
+            ours = next(p for p in parts if k.startswith(p))
+            sd[parts[ours] + k[len(ours):]] = v
+        if self.text_encoder.cfg.layout != "sdxl":
+            sd.update(schedule_buffers(make_schedule()))
         return sd
 
     def model_config(self) -> dict:
@@ -825,7 +854,7 @@ def build_model(preset: str | dict = "tiny", *, device=None, prediction_type: st
     vae_cfg = _part_config(vae_lib.AutoencoderConfig, vae_lib.PRESETS, cfg["vae"])
     if "scale_factor" in cfg:  # files written before the scale moved into the autoencoder's config
         vae_cfg = replace(vae_cfg, scale_factor=float(cfg["scale_factor"]))
-    text_cfg = _part_config(clip.TextConfig, clip.PRESETS, cfg["text"])
+    text_cfg = clip.text_config(cfg["text"])
     pad_id = cfg.get("pad_id", 0 if text_cfg.layout == "openclip" else 49407)  # SD 2.x pads with 0, SD 1.x with EOT
     with torch.device(device) if device is not None else contextlib.nullcontext():  # honours an outer meta context
         model = LatentDiffusion(unet_lib.UNetModel(unet_cfg), vae_lib.build_autoencoder(vae_cfg),
@@ -873,6 +902,10 @@ def detect_layout(sd: dict[str, torch.Tensor], path) -> str:
     """'sd1' | 'sd2' | 'vae' (standalone VAE / LDM first stage) from key names; anything else is an error."""
     keys = list(sd)
     if any(k.startswith(PREFIXES["unet"]) for k in keys):
+        if any(k.startswith(PREFIXES["sdxl_g"]) for k in keys):
+            return "sdxl"
+        if any(k.startswith(PREFIXES["refiner_g"]) for k in keys):
+            return "sdxl-refiner"
         if any(k.startswith(PREFIXES["openclip"]) for k in keys):
             return "sd2"
         if any(k.startswith(PREFIXES["clip"]) for k in keys):
@@ -924,13 +957,14 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] 
     with damaged, torch.device("meta"):  # a damaged ldm_config fails in here, as one line
         model = build_model(cfg, prediction_type=cfg["prediction_type"] or "eps")
     parts = split_checkpoint(sd, path)
-    text_name = model.text_encoder.cfg.layout
     checkpoint.load_strict(model.unet, parts["unet"], f"{path} (U-Net, {PREFIXES['unet']}*)")
     checkpoint.load_strict(model.vae, parts["vae"], f"{path} (VAE, {PREFIXES['vae']}*)")
-    checkpoint.load_strict(model.text_encoder, parts[text_name], f"{path} (text encoder, {PREFIXES[text_name]}*)")
-    leftover = [n for n in PREFIXES if n not in ("unet", "vae", text_name) and parts[n]]
+    text, name_of = text_parts(model.text_encoder), {p: n for n, p in PREFIXES.items()}
+    text_sd = {ours + k: v for ours, theirs in text.items() for k, v in parts[name_of[theirs]].items()}
+    checkpoint.load_strict(model.text_encoder, text_sd, f"{path} (text encoder, {', '.join(text.values())}*)")
+    leftover = [n for n in PREFIXES if n not in ("unet", "vae", *(name_of[p] for p in text.values())) and parts[n]]
     if leftover:
-        raise CheckpointError(f"{path}: holds two text encoders ({text_name} and {leftover[0]})")
+        raise CheckpointError(f"{path}: holds another text encoder too ({PREFIXES[leftover[0]]}*)")
     return model, cfg
 
 
@@ -966,7 +1000,8 @@ def model_from_training_checkpoint(state: dict, path: Path, prediction_type: str
 
 
 def _load_diffusers_folder(path: Path, prediction_type):
-    """A diffusers pipeline folder: unet/, vae/, text_encoder/, tokenizer/ (+ scheduler/ for the prediction type)."""
+    """A diffusers pipeline folder: unet/, vae/, text_encoder/, tokenizer/ (+ scheduler/ for the prediction type);
+    SDXL's has text_encoder_2/ too (its refiner's only that)."""
     def part(name: str):
         folder = path / name
         cfg_file = folder / "config.json"
@@ -981,11 +1016,13 @@ def _load_diffusers_folder(path: Path, prediction_type):
 
     unet_json, unet_sd = part("unet")
     vae_json, vae_sd = part("vae")
-    text_json, text_sd = part("text_encoder")
+    sdxl = (path / "text_encoder_2").is_dir()  # SDXL: CLIP-L in text_encoder/ (not in the refiner), bigG in _2/
+    text_json, text_sd = part("text_encoder") if not sdxl or (path / "text_encoder").is_dir() else (None, None)
+    text_json_2, text_sd_2 = part("text_encoder_2") if sdxl else (None, None)
     with checkpoint.metadata_errors(path, "config.json"):  # a config.json that does not describe such a model
         unet_cfg = unet_lib.config_from_diffusers(unet_json)
         vae_cfg = vae_lib.config_from_diffusers(vae_json)  # its scale factor is the folder's scaling_factor
-        text_cfg = clip.config_from_diffusers(text_json)
+        text_cfg = clip.config_from_diffusers(text_json, text_json_2)
     scheduler = path / "scheduler" / "scheduler_config.json"
     sched = checkpoint.read_json(scheduler) if scheduler.exists() else {}
     pred = {"epsilon": "eps", "v_prediction": "v"}.get(sched.get("prediction_type", "epsilon"), "eps")
@@ -1000,7 +1037,8 @@ def _load_diffusers_folder(path: Path, prediction_type):
         model.tokenizer = tokenizer
     checkpoint.load_strict(model.unet, unet_lib.convert_diffusers(unet_sd, unet_cfg), f"{path}/unet")
     checkpoint.load_strict(model.vae, vae_lib.convert_diffusers(vae_sd), f"{path}/vae")
-    checkpoint.load_strict(model.text_encoder, clip.convert_diffusers(text_sd, text_cfg), f"{path}/text_encoder")
+    checkpoint.load_strict(model.text_encoder, clip.convert_diffusers(text_sd, text_cfg, text_sd_2),
+                           f"{path}/text_encoder" + ("(_2)" if sdxl else ""))
     return model, cfg
 
 
@@ -1031,6 +1069,9 @@ def load_model(path: str | os.PathLike = None, *, device=None, dtype=None,
     device = pick_device(device, mps=False)
     _check_materialized(model)
     model.to(device=device, dtype=dtype or default_dtype(device))
+    if is_sdxl(model) and model.dtype == torch.float16:  # SDXL's VAE overflows in float16: black or NaN images
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        model.vae.to(torch.bfloat16 if bf16 else torch.float32)
     model.alphas_cumprod = schedule_buffers(make_schedule())["alphas_cumprod"].to(device)  # float32 whatever dtype
     model.config = cfg
     if cfg.get("prediction_type") is None:

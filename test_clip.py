@@ -1,17 +1,18 @@
-"""Tests for clip.py: tokenizer golden ids, full-size key layouts, parity with transformers / open_clip.
-Golden data: fixtures/clip_tokens.json, fixtures/clip_parity.pt (regenerate with fixtures/gen_clip.py)."""
+"""Tests for clip.py: tokenizer golden ids, full-size key layouts, parity with transformers / open_clip, SDXL's two
+text encoders. Golden data: fixtures/clip_tokens.json, fixtures/clip_parity.pt, fixtures/clip_sdxl.pt (regenerate
+with fixtures/gen_clip.py)."""
 import json
 import os
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 
 import clip
 from testutil import (CLIP_LONG_PROMPT as LONG, CLIP_NARROW, CLIP_PARITY_PROMPTS as PARITY_PROMPTS,
-                      CLIP_PROMPTS as PROMPTS, CLIP_SEEDS, FIXTURES, manifest, random_weights,
-                      randomize_)
+                      CLIP_PROMPTS as PROMPTS, CLIP_SDXL_NARROW, CLIP_SDXL_SEEDS, CLIP_SEEDS, FIXTURES, manifest,
+                      random_weights, randomize_)
 
 SD1_NARROW, SD2_NARROW = CLIP_NARROW["sd1"], CLIP_NARROW["sd2"]
 
@@ -213,3 +214,164 @@ def test_sd2_diffusers_conversion(parity):
     assert_parity(run(model, parity["tokens_sd2"]), parity["sd2_diffusers"])
     with pytest.raises(AssertionError, match="unexpected keys"):
         clip.convert_diffusers({**sd, "text_projection.weight": torch.zeros(64, 64)}, cfg)
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# SDXL: CLIP-L + OpenCLIP bigG
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return torch.load(FIXTURES / "clip_sdxl.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def sdxl_te():
+    """The reduced-width SDXL text side with the goldens' weights; tests must not change it."""
+    return randomize_(clip.build_text_encoder(CLIP_SDXL_NARROW), seed=CLIP_SDXL_SEEDS["ours"]).eval()
+
+
+SDXL_PREFIXES = {"l": "conditioner.embedders.0.transformer.text_model.", "g": "conditioner.embedders.1.model.",
+                 "refiner_g": "conditioner.embedders.0.model."}
+
+
+def test_sdxl_full_size_layouts_match_manifests():
+    clip_l = manifest("sdxl-base", SDXL_PREFIXES["l"])
+    clip_l.pop("embeddings.position_ids")  # stored int64 [1, 77]; checkpoint.is_ignored drops it, arange is used
+    clip_g = manifest("sdxl-base", SDXL_PREFIXES["g"])
+    assert list(manifest("sdxl-refiner", SDXL_PREFIXES["refiner_g"]).items()) == list(clip_g.items())
+    with torch.device("meta"):
+        base = clip.build_text_encoder(clip.PRESETS["sdxl"])
+        refiner = clip.build_text_encoder(clip.PRESETS["sdxl-refiner"])
+        sd1 = clip.build_text_encoder(clip.PRESETS["sd1"])
+    expected = {**{"clip_l." + k: v for k, v in clip_l.items()}, **{"clip_g." + k: v for k, v in clip_g.items()}}
+    for model, want in ((base, expected), (refiner, {k: v for k, v in expected.items() if k.startswith("clip_g.")})):
+        got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert list(got) == list(want)  # same names, same order
+        assert got == want
+        assert "clip_g.logit_scale" in dict(model.named_parameters())  # a strict load consumes the file's
+    assert refiner.clip_l is None and isinstance(base.clip_l, clip.CLIPTextModel)
+    assert list(base.clip_l.state_dict()) == list(sd1.state_dict())  # CLIP-L is SD 1.x's text encoder
+    assert (base.widths, refiner.widths) == ([768, 1280], [1280])
+
+
+def test_sdxl_config_round_trips():
+    for name in ("sd1", "sd2", "tiny", "sdxl", "sdxl-refiner", "tiny-sdxl"):
+        cfg = clip.PRESETS[name]
+        assert clip.text_config(name) is cfg and clip.text_config(cfg) is cfg
+        assert clip.text_config(json.loads(json.dumps(asdict(cfg)))) == cfg  # model metadata is JSON
+    cfg = clip.build_text_encoder(clip.PRESETS["tiny-sdxl"]).cfg
+    assert (cfg.layout, cfg.clip_l, cfg.clip_g) == ("sdxl", clip.PRESETS["tiny-sdxl-l"], clip.PRESETS["tiny-sdxl-g"])
+    assert asdict(clip.PRESETS["sd1"])["final_norm"] is True
+    with pytest.raises(TypeError):
+        clip.text_config({**asdict(clip.PRESETS["sdxl"]), "extra": 1})
+    with pytest.raises(ValueError, match="embed_dim"):
+        clip.SDXLTextEncoder(None, clip.PRESETS["sd1"])
+
+
+def test_pad_after_eot():
+    rows = torch.tensor([[49406, 5, 49407, 49407, 49407], [49406, 49407, 7, 49407, 0], [49406, 5, 6, 7, 8]])
+    assert clip.pad_after_eot(rows, 0).tolist() == [[49406, 5, 49407, 0, 0], [49406, 49407, 0, 0, 0],
+                                                     [49406, 5, 6, 7, 8]]  # the first EOT counts; no EOT: as is
+    assert clip.pad_after_eot(rows, 49407)[0].tolist() == [49406, 5, 49407, 49407, 49407]
+
+
+def test_sdxl_tokens_of_the_goldens(sdxl):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.equal(clip.Tokenizer()(PARITY_PROMPTS), sdxl["tokens_l"])
+        assert torch.equal(clip.Tokenizer(pad_id=0)(PARITY_PROMPTS), sdxl["tokens_g"])
+
+
+def test_sdxl_parity_with_transformers(sdxl, sdxl_te):
+    """CLIP-L's context = transformers' hidden_states[-2]; bigG's = CLIPTextModelWithProjection's hidden_states[-2]
+    and pooled = its text_embeds, that model filled from our weights by diffusers' single-file converter (and
+    matched against open_clip in fixtures/gen_clip.py); clip skip 2 = hidden_states[-3] (diffusers' clip_skip=1)."""
+    with torch.no_grad():
+        context, pooled = sdxl_te(sdxl["tokens_l"], pooled=True)
+        either_pad = sdxl_te(sdxl["tokens_g"], pooled=True)  # each encoder pads the rows its own way
+        skip2 = sdxl_te(sdxl["tokens_l"], clip_skip=2)
+        l_pooled = sdxl_te.clip_l(sdxl["tokens_l"], pooled=True)[1]
+    assert context.shape == (4, 77, 64 + 80) and pooled.shape == (4, 48)
+    assert torch.equal(either_pad[0], context) and torch.equal(either_pad[1], pooled)
+    for name, out in (("context", context), ("context_skip2", skip2)):
+        out_l, out_g = out.split([64, 80], dim=-1)
+        assert_parity(out_l, sdxl[f"l_{name}"])
+        assert_parity(out_g, sdxl[f"g_{name}"])
+    assert_parity(pooled, sdxl["g_pooled"])
+    assert_parity(l_pooled, sdxl["l_pooled"])  # transformers' pooler_output (SDXL does not use CLIP-L's)
+    assert torch.equal(sdxl_te(sdxl["tokens_l"]), context)
+
+
+def test_sdxl_pooled_runs_every_block_whatever_clip_skip(sdxl_te, sdxl):
+    tokens = sdxl["tokens_g"]
+    with torch.no_grad():
+        _, pooled = sdxl_te(tokens, pooled=True)
+        _, pooled_skip = sdxl_te(tokens, clip_skip=5, pooled=True)
+        g = sdxl_te.clip_g
+        x, _ = clip.run_blocks(g.transformer.resblocks, g.token_embedding(tokens) + g.positional_embedding, 32)
+        by_hand = g.ln_final(x)[torch.arange(4), tokens.argmax(dim=-1)] @ g.text_projection
+    assert torch.equal(pooled, pooled_skip)
+    torch.testing.assert_close(pooled, by_hand, rtol=1e-6, atol=1e-6)
+    # CLIP-L's range is the smaller one, and it decides
+    with pytest.raises(ValueError, match=r"to 11 \(the first block.s output\) for this 11-block"):
+        sdxl_te(tokens, clip_skip=12)
+    with pytest.raises(ValueError, match="no text_projection"):
+        clip.build_text_encoder(clip.TextConfig(layout="openclip", width=32, layers=2, heads=2))(tokens, pooled=True)
+
+
+def sdxl_diffusers_weights(sdxl) -> tuple[dict, dict]:
+    return tuple(random_weights(sdxl[f"diffusers_{name}_shapes"], seed=CLIP_SDXL_SEEDS[name])
+                 for name in ("text_encoder", "text_encoder_2"))
+
+
+def test_sdxl_diffusers_conversion(sdxl):
+    """A diffusers SDXL folder's text_encoder/ + text_encoder_2/ (and a refiner's text_encoder_2/ alone) convert into
+    an SDXLTextEncoder that reproduces transformers' outputs: all 32 bigG layers and the transposed projection."""
+    config_l, config_g = sdxl["diffusers_text_encoder_config"], sdxl["diffusers_text_encoder_2_config"]
+    cfg = clip.config_from_diffusers(config_l, config_g)
+    assert cfg == CLIP_SDXL_NARROW
+    sd_l, sd_g = sdxl_diffusers_weights(sdxl)
+    hub_l = {"text_model." + k: v for k, v in sd_l.items()}  # transformers < 5 names, as the hub's folders have
+    hub_l["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    for text_encoder in (sd_l, hub_l):
+        model = clip.build_text_encoder(cfg).eval()
+        model.load_state_dict(clip.convert_diffusers(text_encoder, cfg, sd_g), strict=True)
+        with torch.no_grad():
+            context, pooled = model(sdxl["tokens_l"], pooled=True)
+        assert_parity(context, sdxl["diffusers_context"])
+        assert_parity(pooled, sdxl["diffusers_pooled"])
+    assert torch.equal(model.clip_g.text_projection, sd_g["text_projection.weight"].T)
+
+    refiner_cfg = clip.config_from_diffusers(None, config_g)
+    assert refiner_cfg == clip.SDXLTextConfig(None, CLIP_SDXL_NARROW.clip_g)
+    refiner = clip.build_text_encoder(refiner_cfg).eval()
+    refiner.load_state_dict(clip.convert_diffusers(None, refiner_cfg, sd_g), strict=True)
+    with torch.no_grad():
+        context, pooled = refiner(sdxl["tokens_g"], pooled=True)
+    assert_parity(context, sdxl["diffusers_context"][..., 64:])
+    assert_parity(pooled, sdxl["diffusers_pooled"])
+    with pytest.raises(ValueError, match="text_encoder_2/ of an SDXL folder must be OpenCLIP bigG"):
+        clip.config_from_diffusers(config_l, config_l)
+
+
+def test_sdxl_diffusers_round_trip_with_diffusers_converter(sdxl_te):
+    """Ours -> diffusers' names by diffusers' own single-file converters -> ours again: every tensor comes back (but
+    logit_scale, which diffusers drops: CLIP's initial value stands in)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    ours = sdxl_te.state_dict()
+    file = {SDXL_PREFIXES[k[5]] + k[7:]: v for k, v in ours.items()}  # clip_l.* / clip_g.* -> the single file's keys
+    text_encoder = convert_ldm_clip_checkpoint(file, SDXL_PREFIXES["l"])
+    g = CLIP_SDXL_NARROW.clip_g
+    with torch.device("meta"):
+        hf_g = CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=g.width, intermediate_size=4 * g.width, num_hidden_layers=g.layers, num_attention_heads=g.heads,
+            hidden_act="gelu", projection_dim=g.embed_dim))
+    text_encoder_2 = convert_open_clip_checkpoint(hf_g, file, SDXL_PREFIXES["g"])
+    assert set(text_encoder_2) == set(hf_g.state_dict())  # every one of the 32 layers and text_projection
+    back = clip.convert_diffusers(text_encoder, CLIP_SDXL_NARROW, text_encoder_2)
+    assert set(back) == set(ours)
+    for k, v in ours.items():
+        if k != "clip_g.logit_scale":
+            assert torch.equal(back[k], v), k

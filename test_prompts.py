@@ -1,5 +1,6 @@
 """Tests for the prompt side of clip.py and LatentDiffusion.encode_prompt: AUTOMATIC1111's attention syntax, chunks
-of 75 tokens, "Original" emphasis, clip skip (against transformers) and textual-inversion embeddings."""
+of 75 tokens, "Original" emphasis, clip skip (against transformers) and textual-inversion embeddings, on SD 1.x / 2.x
+and on SDXL's two text encoders (context and pooled vector)."""
 import copy
 import hashlib
 import os
@@ -11,7 +12,8 @@ import torch
 import checkpoint
 import clip
 import ldm
-from testutil import CLIP_NARROW, CLIP_PARITY_PROMPTS, CLIP_SEEDS, FIXTURES, random_weights, randomize_
+from testutil import (CLIP_NARROW, CLIP_PARITY_PROMPTS, CLIP_SDXL_NARROW, CLIP_SDXL_SEEDS, CLIP_SEEDS, FIXTURES,
+                      random_weights, randomize_)
 
 SOT, EOT, COMMA = 49406, 49407, 267
 
@@ -433,3 +435,155 @@ def test_malicious_embedding_is_refused(tmp_path, model):
     with pytest.raises(checkpoint.CheckpointError, match="refusing to load.*system"):
         model.load_embeddings(tmp_path / "evil.pt")
     assert not marker.exists() and model.embeddings == {}
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# SDXL: every prompt feature on both encoders, the pooled vector of the first chunk, SDXL embedding files
+
+
+def with_text_encoder(text_encoder: torch.nn.Module, pad_id: int = EOT) -> ldm.LatentDiffusion:
+    """The tiny model with `text_encoder` in place of its own (encode_prompt uses nothing else of the U-Net's)."""
+    model = ldm.build_model("tiny")
+    model.text_encoder, model.tokenizer = text_encoder.eval(), clip.Tokenizer(pad_id=pad_id)
+    return model
+
+
+@pytest.fixture(scope="module")
+def xl():
+    """The tiny SDXL text side (CLIP-L 32 wide + bigG 48 wide, pooled 40) with seeded weights; tests must not change
+    it."""
+    return with_text_encoder(randomize_(clip.build_text_encoder(clip.PRESETS["tiny-sdxl"]), seed=7))
+
+
+def xl_parts(model, tokens: torch.Tensor, clip_skip: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(CLIP-L context, bigG context, pooled) of 77-token rows, each encoder run on its own, padded its own way."""
+    te = model.text_encoder
+    with torch.no_grad():
+        context_l = te.clip_l(clip.pad_after_eot(tokens, EOT), clip_skip)
+        context_g, pooled = te.clip_g(clip.pad_after_eot(tokens, 0), clip_skip, pooled=True)
+    return context_l, context_g, pooled
+
+
+def test_sdxl_plain_prompt_is_exactly_the_encoders(xl):
+    prompts = ["a photo of an astronaut riding a horse on mars", "", "東京の夜景, 8k 🐱"]
+    context, pooled = xl.encode_prompt(prompts, pooled=True)
+    assert context.shape == (3, 77, 32 + 48) and pooled.shape == (3, 40)
+    for pad in (EOT, 0):  # either tokenizer's rows: each encoder re-pads them
+        context_l, context_g, expected = xl_parts(xl, clip.Tokenizer(pad_id=pad)(prompts))
+        assert torch.equal(context, torch.cat([context_l, context_g], dim=-1)) and torch.equal(pooled, expected)
+    assert torch.equal(xl.encode_prompt(prompts), context)
+    sd1 = ldm.build_model("tiny")
+    context1, none = sd1.encode_prompt(prompts, pooled=True)  # SD 1.x / 2.x: no pooled vector
+    assert none is None and torch.equal(context1, sd1.encode_prompt(prompts))
+
+
+def test_sdxl_emphasis_is_rescaled_per_encoder(xl):
+    z, pooled = xl.encode_prompt(["a (red:1.5) [apple] on ((a table)"], pooled=True)
+    w = torch.ones(77)
+    w[2], w[3], w[5:7] = 1.5, 1 / 1.1, 1.1 * 1.1  # SOT a red apple on a table EOT
+    context_l, context_g, plain_pooled = xl_parts(xl, xl.tokenizer(["a red apple on a table"]))
+    parts = [plain[0] * w[:, None] * (plain[0].mean() / (plain[0] * w[:, None]).mean())
+             for plain in (context_l, context_g)]
+    torch.testing.assert_close(z[0], torch.cat(parts, dim=-1), rtol=1e-6, atol=1e-6)
+    plain = torch.cat([context_l, context_g], dim=-1)[0]
+    one_mean = plain * w[:, None] * (plain.mean() / (plain * w[:, None]).mean())  # a rescale over both: not A1111's
+    assert not torch.allclose(z[0], one_mean, atol=1e-4)
+    assert torch.equal(pooled, plain_pooled)  # the pooled vector takes no emphasis
+
+
+def test_sdxl_long_prompt_pools_the_first_chunk(xl):
+    prompt = "a red apple on a wooden table " * 15  # 105 tokens, no comma: chunks of 75 + 30
+    context, pooled = xl.encode_prompt(["", prompt, "a cat"], pooled=True)  # e.g. a negative line, then prompts
+    assert context.shape == (3, 154, 80) and pooled.shape == (3, 40)
+    ids = xl.tokenizer.encode(prompt)
+    rows = torch.tensor([row(ids[:75]), row(ids[75:]), row([]), row(xl.tokenizer.encode("a cat"))])
+    context_l, context_g, pools = xl_parts(xl, rows)
+    expected = torch.cat([context_l, context_g], dim=-1)
+    # one batch of 6 rows against one of 4: equal up to how the CPU kernels block a batch
+    for got, want in ((context[1, :77], expected[0]), (context[1, 77:], expected[1]), (context[0, :77], expected[2]),
+                      (context[0, 77:], expected[2]), (context[2, :77], expected[3]), (context[2, 77:], expected[2])):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for got, want in ((pooled[1], pools[0]), (pooled[0], pools[2]), (pooled[2], pools[3])):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(pools[0], pools[1], atol=1e-3)  # the second chunk would pool to something else
+    alone, alone_pooled = xl.encode_prompt(["a cat"], pooled=True)  # the same line without padding chunks
+    torch.testing.assert_close(alone_pooled[0], pooled[2], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(alone[0], context[2, :77], rtol=1e-6, atol=1e-6)
+
+
+def test_sdxl_clip_skip_matches_transformers_hidden_states():
+    """Clip skip 2 on SDXL = one layer before SDXL's own (hidden_states[-3]) in both encoders, against the goldens."""
+    sdxl = torch.load(FIXTURES / "clip_sdxl.pt", weights_only=True)
+    model = with_text_encoder(randomize_(clip.build_text_encoder(CLIP_SDXL_NARROW), seed=CLIP_SDXL_SEEDS["ours"]))
+    prompts = CLIP_PARITY_PROMPTS[:3]  # up to 75 tokens: one chunk each, the goldens' rows
+    for clip_skip, name in ((1, "context"), (2, "context_skip2")):
+        z, pooled = model.encode_prompt(prompts, clip_skip=clip_skip, pooled=True)
+        for got, ref in zip(z.split([64, 80], dim=-1), (sdxl[f"l_{name}"][:3], sdxl[f"g_{name}"][:3])):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+        torch.testing.assert_close(pooled, sdxl["g_pooled"][:3], rtol=1e-4, atol=1e-4)  # all blocks, either way
+    with pytest.raises(ValueError, match="clip_skip must be an integer from 1"):
+        model.encode_prompt(["a cat"], clip_skip=12)
+
+
+def write_sdxl_embedding(path, n: int, widths=(32, 48), seed: int = 0):
+    vectors_l, vectors_g = vectors(n, widths[0], seed), vectors(n, widths[1], seed + 1)
+    checkpoint.save_safetensors(path, {"clip_g": vectors_g, "clip_l": vectors_l})  # A1111's SDXL embedding file
+    return vectors_l, vectors_g
+
+
+def with_rows_at(encoder: torch.nn.Module, ids: list[int], rows: torch.Tensor) -> torch.nn.Module:
+    """A copy of a text encoder whose token embedding rows `ids` are `rows` (ids below EOT, so pooling still finds
+    the EOT)."""
+    encoder = copy.deepcopy(encoder)
+    table = encoder.embeddings.token_embedding if isinstance(encoder, clip.CLIPTextModel) else encoder.token_embedding
+    with torch.no_grad():
+        table.weight[ids] = rows
+    return encoder
+
+
+def test_sdxl_embedding_gives_each_encoder_its_vectors(tmp_path, xl):
+    model = copy.deepcopy(xl)
+    vectors_l, vectors_g = write_sdxl_embedding(tmp_path / "xl-style.safetensors", 2)
+    assert model.load_embeddings(tmp_path / "xl-style.safetensors") == ["xl-style"]
+    assert torch.equal(model.embeddings["xl-style"].vectors, torch.cat([vectors_l, vectors_g], dim=1))
+    prompt = "a photo of (xl-style:1.2)"
+    z, pooled = model.encode_prompt([prompt], pooled=True)
+    p = model.prompt_chunker()(prompt)
+    assert [(at, e.name) for at, e in p.fixes[0]] == [(4, "xl-style")]
+    # by hand: the vectors as token rows 1000, 1001 of each encoder, then the encoders run on their own
+    tokens = p.tokens.clone()
+    tokens[0, 4:6] = torch.tensor([1000, 1001])
+    te = copy.copy(model.text_encoder)
+    te.clip_l = with_rows_at(te.clip_l, [1000, 1001], vectors_l)
+    te.clip_g = with_rows_at(te.clip_g, [1000, 1001], vectors_g)
+    by_hand = with_text_encoder(te)
+    context_l, context_g, expected_pooled = xl_parts(by_hand, tokens)
+    w = p.weights[0][:, None]
+    parts = [c[0] * w * (c[0].mean() / (c[0] * w).mean()) for c in (context_l, context_g)]
+    torch.testing.assert_close(z[0], torch.cat(parts, dim=-1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pooled, expected_pooled, rtol=1e-6, atol=1e-6)
+    assert model.embeddings_used([prompt])[0].name == "xl-style"
+
+    refiner = with_text_encoder(randomize_(clip.build_text_encoder(clip.PRESETS["tiny-sdxl-refiner"]), seed=8), 0)
+    refiner.load_embeddings(tmp_path / "xl-style.safetensors")  # the refiner (bigG only) takes clip_g
+    assert torch.equal(refiner.embeddings["xl-style"].vectors, vectors_g)
+    assert refiner.encode_prompt([prompt], pooled=True)[0].shape == (1, 77, 48)
+
+
+def test_sdxl_embedding_for_another_model_is_one_line(tmp_path, xl, model):
+    def refused(target, path, *words):
+        with pytest.raises(checkpoint.CheckpointError) as e:
+            target.load_embeddings(path)
+        message = str(e.value)
+        assert "\n" not in message and str(path) in message and all(w in message for w in words), message
+        assert target.embeddings == {}
+
+    sd1_file = write_a1111_pt(tmp_path / "sd1-style.pt", vectors(2, width=768))
+    refused(xl, sd1_file, "768 wide", "fits SD 1.x models", "needs an SDXL embedding")
+    refused(xl, write_a1111_pt(tmp_path / "tiny-style.pt", vectors(2, width=32)), "32 wide", "SDXL embedding")
+    write_sdxl_embedding(tmp_path / "real-xl.safetensors", 1, widths=(768, 1280))
+    refused(xl, tmp_path / "real-xl.safetensors", "clip_l is 768 wide", "32 wide")
+    write_sdxl_embedding(tmp_path / "xl.safetensors", 1)
+    refused(model, tmp_path / "xl.safetensors", "SDXL", "fits SDXL models", "32 wide")
+    checkpoint.save_safetensors(tmp_path / "uneven.safetensors", {"clip_l": vectors(2), "clip_g": vectors(3, 48)})
+    refused(xl, tmp_path / "uneven.safetensors", "unequal vector counts")

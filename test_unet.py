@@ -1,6 +1,6 @@
 """Tests for unet.py: full-size key layouts, the timestep embedding against diffusers and a float64 evaluation,
-forward parity against diffusers goldens (fixtures/gen_unet.py), the diffusers-layout conversion, and gradient
-checkpointing."""
+forward parity against diffusers goldens (fixtures/gen_unet.py) and, for the SDXL structures, against diffusers run
+live, the diffusers-layout conversion, and gradient checkpointing."""
 import json
 import math
 from dataclasses import replace
@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import ldm
-from testutil import FIXTURES, UNET_NARROW, manifest_state_dict, randomize_
-from unet import (PRESETS, CrossAttention, UNetConfig, UNetModel, config_from_diffusers, convert_diffusers,
-                  diffusers_prefixes, infer_config, timestep_embedding)
+from testutil import (FIXTURES, UNET_NARROW, UNET_NARROW_XL, UNET_PREFIX, manifest, manifest_state_dict, randomize_,
+                      unet_diffusers_config, unet_diffusers_twin)
+from unet import (PRESETS, CrossAttention, UNetConfig, UNetModel, adm_vector, config_from_diffusers,
+                  convert_diffusers, diffusers_prefixes, infer_config, timestep_embedding)
 
 PREFIX = ldm.PREFIXES["unet"]
 
@@ -141,7 +142,7 @@ def test_convert_diffusers_inverts_reference_converter():
         UNetModel(cfg).load_state_dict(ours, strict=True)
 
 
-@pytest.mark.parametrize("preset", ["sd1", "sd2", "tiny"])
+@pytest.mark.parametrize("preset", ["sd1", "sd2", "tiny", "sdxl", "sdxl-refiner"])
 def test_diffusers_prefix_table_covers_every_key(preset):
     with torch.device("meta"):
         sd = UNetModel(PRESETS[preset]).state_dict()
@@ -225,3 +226,166 @@ def test_half_precision_forward_tracks_fp32(dtype):
         out = model.to(dtype)(x.to(dtype), torch.tensor([1, 999]), ctx.to(dtype))
     assert out.dtype == dtype and out.isfinite().all()
     assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SDXL base and refiner
+
+XL_MANIFESTS = {"sdxl": "sdxl-base", "sdxl-refiner": "sdxl-refiner"}
+
+# the unet/config.json fields of the public SDXL 1.0 base and refiner diffusers folders that describe the structure
+SDXL_DIFFUSERS = {
+    "sdxl": {"block_out_channels": [320, 640, 1280], "layers_per_block": 2, "attention_head_dim": [5, 10, 20],
+             "transformer_layers_per_block": [1, 2, 10], "cross_attention_dim": 2048, "use_linear_projection": True,
+             "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+             "projection_class_embeddings_input_dim": 2816, "class_embed_type": None, "in_channels": 4,
+             "out_channels": 4, "sample_size": 128,
+             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]},
+    "sdxl-refiner": {"block_out_channels": [384, 768, 1536, 1536], "layers_per_block": 2,
+                     "attention_head_dim": [6, 12, 24, 24], "transformer_layers_per_block": 4,
+                     "cross_attention_dim": 1280, "use_linear_projection": True, "addition_embed_type": "text_time",
+                     "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2560,
+                     "class_embed_type": None, "in_channels": 4, "out_channels": 4, "sample_size": 128,
+                     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]},
+}
+# SDXL's size numbers: base (orig_h, orig_w, crop_top, crop_left, target_h, target_w), refiner (orig_h, orig_w,
+# crop_top, crop_left, aesthetic_score); one row per batch element
+SDXL_TIME_IDS = {"sdxl": [[1024, 1024, 0, 0, 1024, 1024], [832, 1216, 64, 0, 1024, 1024]],
+                 "sdxl-refiner": [[1024, 1024, 0, 0, 6.0], [768, 1344, 32, 16, 2.5]]}
+
+
+@pytest.mark.parametrize("preset", ["sdxl", "sdxl-refiner"])
+def test_sdxl_full_size_layout_matches_checkpoint(preset):
+    ref = manifest(XL_MANIFESTS[preset], prefix=UNET_PREFIX)  # the public files store fp16; we build fp32
+    with torch.device("meta"):
+        sd = UNetModel(PRESETS[preset]).state_dict()
+    assert len(sd) == {"sdxl": 1680, "sdxl-refiner": 1220}[preset]
+    assert [(k, tuple(t.shape)) for k, t in sd.items()] == list(ref.items())  # same keys, order and shapes
+    assert infer_config(manifest_state_dict(XL_MANIFESTS[preset], prefix=UNET_PREFIX)) == PRESETS[preset]
+
+
+@pytest.mark.parametrize("preset", ["sdxl", "sdxl-refiner"])
+def test_sdxl_config_from_diffusers(preset):
+    published = SDXL_DIFFUSERS[preset]
+    assert config_from_diffusers(published) == PRESETS[preset]
+    # diffusers derives the same fields from the original yaml (whose base depth [1, 2, 10] has an unused entry)
+    yaml_cfg = replace(PRESETS[preset], transformer_depth=(1, 2, 10)) if preset == "sdxl" else PRESETS[preset]
+    derived = unet_diffusers_config(yaml_cfg)
+    assert {k: derived.get(k) for k in published} == published
+    assert config_from_diffusers(derived) == PRESETS[preset]
+
+
+@pytest.mark.parametrize("preset", ["sdxl", "sdxl-refiner"])
+def test_convert_diffusers_inverts_reference_converter_full_size_sdxl(preset):
+    """On the manifests' meta tensors: diffusers' own single-file converter, then ours back, gives every original
+    key its own tensor again."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    sd = manifest_state_dict(XL_MANIFESTS[preset], prefix=UNET_PREFIX)
+    ckpt = {UNET_PREFIX + k: v for k, v in sd.items()}
+    theirs = convert_ldm_unet_checkpoint(ckpt, unet_diffusers_config(PRESETS[preset]))
+    assert len(theirs) == len(sd) and {"add_embedding.linear_1.weight", "add_embedding.linear_2.bias"} <= set(theirs)
+    ours = convert_diffusers(theirs, PRESETS[preset])
+    assert ours.keys() == sd.keys()
+    assert all(ours[k] is sd[k] for k in sd)
+
+
+def test_adm_vector_matches_diffusers_add_time_proj():
+    """y = [pooled | 256-channel embedding of each number]: diffusers' add_time_proj (Timesteps(256,
+    flip_sin_to_cos=True, downscale_freq_shift=0)) on the flattened time_ids, reshaped to (B, -1)."""
+    from diffusers.models.embeddings import Timesteps
+    pooled = torch.randn(2, 1280, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor(SDXL_TIME_IDS["sdxl"], dtype=torch.float32)
+    y = adm_vector(pooled, ids)
+    assert y.shape == (2, 2816) and torch.equal(y[:, :1280], pooled)
+    for i in range(6):
+        torch.testing.assert_close(y[:, 1280 + 256 * i:1280 + 256 * (i + 1)], timestep_embedding(ids[:, i], 256),
+                                   rtol=0, atol=0)
+    theirs = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)(ids.flatten()).reshape(2, -1)
+    tol = embedding_tolerance(ids.flatten(), 256).reshape(2, -1)
+    assert ((y[:, 1280:].double() - theirs.double()).abs() <= tol).all()
+    assert adm_vector(pooled, torch.tensor(SDXL_TIME_IDS["sdxl-refiner"])).shape == (2, 2560)
+
+
+@pytest.mark.parametrize("name,size", [("sdxl", (16, 16)), ("sdxl", (9, 13)), ("sdxl-refiner", (16, 16))])
+def test_sdxl_forward_matches_diffusers(name, size):
+    """Reduced-width SDXL base / refiner structures against diffusers' UNet2DConditionModel with the same weights
+    (moved there by diffusers' own converter) and its text_time conditioning; (9, 13) halves unevenly."""
+    cfg = UNET_NARROW_XL[name]
+    ours, theirs, config, ours_sd, theirs_sd = unet_diffusers_twin(cfg)
+    assert config["addition_embed_type"] == "text_time"
+    assert config_from_diffusers(config) == cfg
+    back = convert_diffusers(theirs_sd, cfg)
+    assert back.keys() == ours_sd.keys() and all(back[k] is ours_sd[k] for k in ours_sd)  # the exact inverse
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, cfg.in_channels, *size, generator=g)
+    t, ctx = torch.tensor([999.0, 250.5]), torch.randn(2, 77, cfg.context_dim, generator=g)
+    pooled, time_ids = torch.randn(2, 1280, generator=g), torch.tensor(SDXL_TIME_IDS[name])
+    with torch.no_grad():
+        out = ours(x, t, ctx, adm_vector(pooled, time_ids))
+        ref = theirs(x, t, encoder_hidden_states=ctx,
+                     added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, ref, **parity_tolerance(ref))
+
+
+def test_y_is_required_checked_and_used():
+    cfg = replace(PRESETS["tiny"], adm_in_channels=24)
+    model = randomize_(UNetModel(cfg)).eval()
+    assert [k for k in model.state_dict() if k.startswith("label_emb")] == [
+        "label_emb.0.0.weight", "label_emb.0.0.bias", "label_emb.0.2.weight", "label_emb.0.2.bias"]
+    g = torch.Generator().manual_seed(0)
+    x, ctx, t, y = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 7, 32, generator=g), 500, torch.randn(2, 24)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="needs y"):
+            model(x, t, ctx)
+        for bad in (torch.randn(2, 23), torch.randn(1, 24), torch.randn(24)):
+            with pytest.raises(ValueError, match=r"\[2, 24\]"):
+                model(x, t, ctx, bad)
+        with pytest.raises(ValueError, match="takes no vector y"):
+            randomize_(UNetModel(PRESETS["tiny"]))(x, t, ctx, y)
+        out = model(x, t, ctx, y)
+        assert (model(x, t, ctx, y.flip(0)) - out).abs().max() > 0.01  # y reaches the output
+        # emb = time_embed(t) + label_emb(y): with label_emb's last layer giving zero, y drops out
+        model.label_emb[0][2].weight.zero_()
+        model.label_emb[0][2].bias.zero_()
+        plain = UNetModel(PRESETS["tiny"]).eval()
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("label_emb")})
+        torch.testing.assert_close(model(x, t, ctx, y), plain(x, t, ctx), rtol=0, atol=0)
+
+
+def test_infer_config_reads_depths_and_adm():
+    """Per-level and middle depths and the y width come back from the keys of a model of each form; the head split
+    and image_size are not in the file (infer_config's documented guesses), so they are left out here."""
+    guessed = ("num_heads", "num_head_channels", "image_size")
+    cases = [*PRESETS.values(), *UNET_NARROW.values(), *UNET_NARROW_XL.values(),
+             replace(PRESETS["tiny"], transformer_depth_middle=3),
+             replace(PRESETS["small"], transformer_depth=(0, 1, 2), transformer_depth_middle=3),
+             replace(PRESETS["small"], transformer_depth=(0, 3, 2)),
+             replace(PRESETS["small"], adm_in_channels=40)]
+    for cfg in cases:
+        with torch.device("meta"):
+            got = infer_config(UNetModel(cfg).state_dict())
+        assert replace(got, **{k: getattr(cfg, k) for k in guessed}) == cfg, cfg
+    # where the depths are uniform, the int form comes back, whatever form went in
+    with torch.device("meta"):
+        assert infer_config(UNetModel(replace(PRESETS["small"], transformer_depth=(5, 1, 1))).state_dict()) == \
+            replace(PRESETS["small"], transformer_depth=1, num_heads=8, num_head_channels=-1, image_size=64)
+
+
+def test_depth_config_errors():
+    for bad in (dict(transformer_depth=(1, 2, 3)), dict(transformer_depth=(1, 0)), dict(transformer_depth_middle=0)):
+        with pytest.raises(ValueError, match="transformer_depth"):
+            UNetModel(replace(PRESETS["tiny"], **bad))
+    model = UNetModel(replace(PRESETS["tiny"], transformer_depth=(0, 2)))  # level 0 has no attention: 0 is fine
+    assert len(model.middle_block[1].transformer_blocks) == 2  # the middle takes the last level's depth
+
+
+def test_config_from_diffusers_refuses_other_conditioning():
+    base = SDXL_DIFFUSERS["sdxl"]
+    for extra in (dict(class_embed_type="projection"), dict(addition_embed_type="image"), dict(num_class_embeds=10),
+                  dict(addition_time_embed_dim=128), dict(reverse_transformer_layers_per_block=[[10, 10, 10]]),
+                  dict(transformer_layers_per_block=[1, [2, 1], 10])):
+        with pytest.raises(ValueError):
+            config_from_diffusers(dict(base, **extra))

@@ -118,6 +118,20 @@ CLIP_NARROW = {
 }
 CLIP_SEEDS = {"sd1": 1, "sd2": 2, "sd2_diffusers": 3}  # random_weights seed of each parity model
 
+# --- SDXL text encoders (test_clip.py, test_prompts.py; fixtures/gen_clip.py -> clip_sdxl.pt) ---
+# Reduced width, real structure: CLIP-L's 12 quick_gelu layers and bigG's 32 gelu blocks, each conditioning on the
+# raw penultimate output; bigG 80 wide (not CLIP-L's 64, so swapped parts show) with a non-square projection (so a
+# transposed one shows).
+CLIP_SDXL_NARROW = clip.SDXLTextConfig(
+    clip_l=clip.TextConfig(layout="clip", width=64, layers=12, heads=4, act="quick_gelu", layer="penultimate",
+                           final_norm=False),
+    clip_g=clip.TextConfig(layout="openclip", width=80, layers=32, heads=5, act="gelu", layer="penultimate",
+                           embed_dim=48, final_norm=False),
+)
+# random_weights seeds: our SDXLTextEncoder (randomize_), and diffusers' text_encoder/ and text_encoder_2/ in their
+# own names
+CLIP_SDXL_SEEDS = {"ours": 21, "text_encoder": 22, "text_encoder_2": 23}
+
 
 # -----------------------------------------------------------------------------------------------------------------
 # U-Nets (fixtures/gen_unet.py -> unet_sd1.pt, unet_sd2.pt, unet_diffusers_keys.json, unet_diffusers_configs.json)
@@ -127,6 +141,60 @@ UNET_NARROW = {
     "sd1": replace(unet.PRESETS["sd1"], model_channels=32, context_dim=40),  # 8 heads of 4..16 channels, conv proj
     "sd2": replace(unet.PRESETS["sd2"], model_channels=32, num_head_channels=8, context_dim=48),  # linear proj
 }
+
+# --- SDXL U-Nets and the diffusers twin of a U-Net (test_unet.py, fixtures/gen_unet.py) ---
+
+# Reduced width, real SDXL structure: no attention at level 0, per-level depths (fewer blocks than 2 / 10), Linear
+# projections, 16-channel heads. The context widths stay the real ones, as diffusers' yaml reader tells SDXL apart
+# by them, and so do the y widths (pooled 1280 + 256 per size / crop / score number).
+UNET_NARROW_XL = {
+    "sdxl": replace(unet.PRESETS["sdxl"], model_channels=32, num_head_channels=16, transformer_depth=(0, 2, 3)),
+    "sdxl-refiner": replace(unet.PRESETS["sdxl-refiner"], model_channels=32, num_head_channels=16,
+                            transformer_depth=2),
+}
+UNET_PREFIX = "model.diffusion_model."  # the U-Net's prefix in a single-file checkpoint (ldm.PREFIXES["unet"])
+
+
+def unet_original_yaml(cfg: unet.UNetConfig) -> dict:
+    """The parts of an original (LDM / sgm) yaml that diffusers reads for a U-Net `cfg`: its params without the -1
+    head fields and unset (None) fields, as in the real yamls, and `num_classes: sequential` where it takes a y."""
+    from dataclasses import asdict
+    params = {k: v for k, v in asdict(cfg).items() if v != -1 and v is not None}
+    params.update(use_spatial_transformer=True, legacy=False)
+    if cfg.adm_in_channels is not None:
+        params["num_classes"] = "sequential"
+    vae = {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}}  # 8x VAE: sample_size = image_size / 8
+    return {"model": {"params": {"unet_config": {"params": params}, "first_stage_config": vae}}}
+
+
+def unet_diffusers_config(cfg: unet.UNetConfig, image_size: int = None) -> dict:
+    """The UNet2DConditionModel config diffusers derives from the original yaml of `cfg` (its single-file loader's
+    create_unet_diffusers_config_from_ldm); sample_size = image_size / 8, by default cfg.image_size. Needs
+    diffusers."""
+    import warnings
+
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+    with warnings.catch_warnings():  # diffusers deprecates image_size for from_single_file, not for this helper
+        warnings.simplefilter("ignore", FutureWarning)
+        return create_unet_diffusers_config_from_ldm(unet_original_yaml(cfg), {},
+                                                     image_size=image_size or 8 * cfg.image_size)
+
+
+def unet_diffusers_twin(cfg: unet.UNetConfig, seed: int = 0, image_size: int = None):
+    """(ours, theirs, config, ours_sd, theirs_sd): our U-Net with randomize_(seed) weights, and a diffusers
+    UNet2DConditionModel holding the same tensors, moved by diffusers' own single-file converter into the model
+    built from unet_diffusers_config (config: that model's full config.json dict). ours_sd / theirs_sd share their
+    tensors (the converter moves, never copies). Needs diffusers."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    ours = randomize_(unet.UNetModel(cfg), seed).eval()
+    ours_sd = ours.state_dict()
+    config = unet_diffusers_config(cfg, image_size)
+    theirs_sd = convert_ldm_unet_checkpoint({UNET_PREFIX + k: v for k, v in ours_sd.items()}, config)
+    theirs = UNet2DConditionModel(**config).eval()
+    theirs.load_state_dict(theirs_sd, strict=True)
+    config = {k: v for k, v in theirs.config.items() if not k.startswith("_")}  # "_" keys: unordered sets
+    return ours, theirs, config, ours_sd, theirs_sd
 
 
 # -----------------------------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ DEFAULTS = {
 }
 BASE_LR = 4.5e-6
 # vae.PRESETS, named here so that --help needs no torch
-CONFIGS = ("tiny-kl", "tiny-vq", "kl-f4", "kl-f8", "kl-f16", "kl-f32", "vq-f4", "vq-f4-noattn", "vq-f8", "vq-f16", "sd")
+CONFIGS = ("tiny-kl", "tiny-vq", "kl-f4", "kl-f8", "kl-f16", "kl-f32", "vq-f4", "vq-f4-noattn", "vq-f8", "vq-f16",
+           "sd", "sdxl")
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -2,10 +2,12 @@
 
 Module names and nesting equal the `model.diffusion_model.` keys of the original single-file checkpoints
 (SD 1.x: 1x1-conv transformer projections, 8 heads, context 768; SD 2.x: Linear projections, 64-channel heads,
-context 1024), so a checkpoint loads with a strict `load_state_dict`. The diffusers `unet/` folder layout
-(UNet2DConditionModel) converts at the bottom of this file.
+context 1024; SDXL base / refiner: per-level transformer depths, no attention at the top level, context 2048 / 1280
+and a vector `y` of pooled text and size embeddings), so a checkpoint loads with a strict `load_state_dict`. The
+diffusers `unet/` folder layout (UNet2DConditionModel) converts at the bottom of this file.
 
-    x (B, in_channels, H, W) latents, timesteps (B,) or scalar, context (B, N, context_dim) -> (B, out_channels, H, W)
+    x (B, in_channels, H, W) latents, timesteps (B,) or scalar, context (B, N, context_dim),
+    y (B, adm_in_channels) for SDXL only  ->  (B, out_channels, H, W)
 """
 from __future__ import annotations
 
@@ -32,9 +34,15 @@ class UNetConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_heads: int = 8  # -1 when num_head_channels sets the head width instead
     num_head_channels: int = -1  # -1 when num_heads sets the head count instead
-    transformer_depth: int = 1
+    # transformer blocks per SpatialTransformer: one int for every level, or one entry per level of channel_mult
+    # (levels without attention hold 0, unused; SDXL: (0, 2, 10))
+    transformer_depth: int | tuple[int, ...] = 1
+    transformer_depth_middle: int | None = None  # the middle block's depth; None: the last level's
     context_dim: int = 768
-    use_linear_in_transformer: bool = False  # SD2: Linear proj_in/proj_out instead of 1x1 convs
+    use_linear_in_transformer: bool = False  # SD2, SDXL: Linear proj_in/proj_out instead of 1x1 convs
+    # SDXL: width of the vector y (pooled text embedding + 256 per size/crop/score number) added to the time
+    # embedding through label_emb; None: no y
+    adm_in_channels: int | None = None
     dropout: float = 0.0  # ResBlocks only; the original never passes it to the transformer blocks
     use_checkpoint: bool = False  # gradient checkpointing of every block while training
     image_size: int = 64  # latent size the model was trained at; informational
@@ -44,6 +52,24 @@ class UNetConfig:
         if self.num_head_channels == -1:
             return self.num_heads, ch // self.num_heads
         return ch // self.num_head_channels, self.num_head_channels
+
+    def level_depth(self, level: int) -> int:
+        """Transformer blocks per SpatialTransformer at encoder/decoder level `level` (0 = full latent size)."""
+        d = self.transformer_depth
+        return d if isinstance(d, int) else d[level]
+
+    def middle_depth(self) -> int:
+        return self.level_depth(-1) if self.transformer_depth_middle is None else self.transformer_depth_middle
+
+    def check_depths(self) -> None:
+        """A depth tuple needs one entry per level, and every transformer at least one block."""
+        levels = len(self.channel_mult)
+        if not isinstance(self.transformer_depth, int) and len(self.transformer_depth) != levels:
+            raise ValueError(f"transformer_depth {self.transformer_depth} needs one entry per level ({levels})")
+        used = [self.level_depth(i) for i in range(levels) if 2 ** i in self.attention_resolutions]
+        if min(used + [self.middle_depth()]) < 1:
+            raise ValueError(f"transformer_depth {self.transformer_depth} (middle {self.transformer_depth_middle}) "
+                             f"leaves a transformer with no blocks; attention at {self.attention_resolutions}")
 
 
 PRESETS: dict[str, UNetConfig] = {
@@ -55,6 +81,16 @@ PRESETS: dict[str, UNetConfig] = {
     # 24M parameters: a step up from tiny for small images on a GPU; pairs with the tiny text encoder
     "small": UNetConfig(model_channels=64, channel_mult=(1, 2, 4), attention_resolutions=(4, 2), num_res_blocks=2,
                         num_heads=-1, num_head_channels=32, context_dim=32, image_size=16),
+    # SDXL 1.0 base: 3 levels, attention at levels 1 and 2 only (2 and 10 blocks; middle 10), 64-channel heads,
+    # context = CLIP-L 768 + OpenCLIP-bigG 1280, y = pooled bigG 1280 + 6 x 256 (original size, crop, target size)
+    "sdxl": UNetConfig(channel_mult=(1, 2, 4), attention_resolutions=(4, 2), num_heads=-1, num_head_channels=64,
+                       transformer_depth=(0, 2, 10), context_dim=2048, use_linear_in_transformer=True,
+                       adm_in_channels=2816, image_size=128),
+    # SDXL 1.0 refiner: 4 levels of 384 x (1, 2, 4, 4), attention at levels 1 and 2 (4 blocks; middle 4),
+    # context = bigG 1280, y = pooled bigG 1280 + 5 x 256 (original size, crop, aesthetic score)
+    "sdxl-refiner": UNetConfig(model_channels=384, attention_resolutions=(4, 2), num_heads=-1, num_head_channels=64,
+                               transformer_depth=4, context_dim=1280, use_linear_in_transformer=True,
+                               adm_in_channels=2560, image_size=128),
 }
 
 
@@ -70,6 +106,17 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> 
     args = t[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(emb, (0, dim % 2))  # odd dim: one trailing zero
+
+
+def adm_vector(pooled: torch.Tensor, values: torch.Tensor, dim: int = 256) -> torch.Tensor:
+    """SDXL's y: the pooled text embedding (B, P) followed by timestep_embedding(v, 256) of each of the n numbers
+    in `values` (B, n), in order -> (B, P + 256 n), float32. Base: (orig_h, orig_w, crop_top, crop_left, target_h,
+    target_w), 1280 + 6 x 256 = 2816; refiner: (orig_h, orig_w, crop_top, crop_left, aesthetic_score) = 2560.
+    diffusers' add_time_proj (flip_sin_to_cos, no shift) on time_ids gives the same [cos | sin] blocks. The U-Net
+    casts y to its own dtype."""
+    B = pooled.shape[0]
+    sizes = timestep_embedding(torch.as_tensor(values, device=pooled.device).reshape(-1), dim)  # (B * n, dim)
+    return torch.cat([pooled.float(), sizes.reshape(B, -1)], dim=-1)
 
 
 class GroupNorm32(nn.GroupNorm):
@@ -236,16 +283,20 @@ class TimestepEmbedSequential(nn.Sequential):
 class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
+        cfg.check_depths()
         self.cfg = replace(cfg)  # own copy: toggling use_checkpoint must not edit a shared preset
         mc, nrb, emb_dim = cfg.model_channels, cfg.num_res_blocks, 4 * cfg.model_channels
         last = len(cfg.channel_mult) - 1
 
-        def transformer(ch: int) -> SpatialTransformer:
+        def transformer(ch: int, depth: int) -> SpatialTransformer:
             heads, dim_head = cfg.heads(ch)
-            return SpatialTransformer(ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim,
-                                      cfg.use_linear_in_transformer)
+            return SpatialTransformer(ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.adm_in_channels is not None:
+            # the original's `num_classes: sequential`: an MLP on y inside a one-entry Sequential, keys label_emb.0.*
+            self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(),
+                                                         nn.Linear(emb_dim, emb_dim)))
 
         # encoder: conv_in, then per level nrb x (ResBlock [+ transformer]) and a Downsample except at the bottom
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
@@ -255,7 +306,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, cfg.dropout)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, cfg.level_depth(level)))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chans.append(ch)
             if level != last:
@@ -264,7 +315,8 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         # the middle always has a transformer, whatever attention_resolutions says
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch, cfg.dropout), transformer(ch),
+        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_dim, ch, cfg.dropout),
+                                                    transformer(ch, cfg.middle_depth()),
                                                     ResBlock(ch, emb_dim, ch, cfg.dropout))
 
         # decoder: per level (deepest first) nrb + 1 x (ResBlock on [h, skip] [+ transformer]), then an Upsample
@@ -274,7 +326,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_chans.pop(), emb_dim, mult * mc, cfg.dropout)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, cfg.level_depth(level)))
                 if level and i == nrb:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -294,11 +346,29 @@ class UNetModel(nn.Module):
         h = checkpoint(block, h, emb, context, slice(-1) if up else slice(None), use_reentrant=False)
         return block[-1](h, size) if up else h
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor | None) -> torch.Tensor:
+    def _label_embedding(self, y: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """label_emb(y) (B, 4 * model_channels) for an SDXL U-Net, after checking that y fits; None otherwise."""
+        adm = self.cfg.adm_in_channels
+        if adm is None:
+            if y is not None:
+                raise ValueError("this U-Net takes no vector y (its config has no adm_in_channels)")
+            return None
+        if y is None:
+            raise ValueError(f"this U-Net needs y, a [B, {adm}] vector of the pooled text embedding and the size "
+                             "embeddings (adm_vector)")
+        if tuple(y.shape) != (batch, adm):
+            raise ValueError(f"y must be [B, adm_in_channels] = [{batch}, {adm}], got {list(y.shape)}")
+        return self.label_emb(y.to(self.label_emb[0][0].weight.dtype))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor | None,
+                y: torch.Tensor | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
         t = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(B)  # scalar or (B,) -> (B,)
         t_emb = timestep_embedding(t, self.cfg.model_channels).to(self.time_embed[0].weight.dtype)
         emb = self.time_embed(t_emb)  # (B, 4 * model_channels)
+        label = self._label_embedding(y, B)
+        if label is not None:
+            emb = emb + label
         skips = []
         h = x
         for block in self.input_blocks:
@@ -318,29 +388,52 @@ class UNetModel(nn.Module):
 
 
 def infer_config(state_dict: dict[str, torch.Tensor]) -> UNetConfig:
-    """Read the hyper-parameters from tensor shapes (keys without the `model.diffusion_model.` prefix).
+    """Read the hyper-parameters from key names and tensor shapes (keys without the `model.diffusion_model.` prefix).
 
-    The head split is invisible in the shapes: conv projections are taken as SD1 (8 heads), Linear ones as SD2
-    (64-channel heads); image_size is not stored and follows the same guess (64 / 96)."""
+    Depths count each level's (and the middle's) transformer_blocks; a `label_emb.0.0` Linear gives adm_in_channels.
+    The head split is invisible in the shapes, so it follows the projections: conv ones are taken as SD1 (8 heads),
+    Linear ones as SD2 and SDXL (64-channel heads; both use those). image_size is not stored either: 128 for SDXL
+    (a y vector with a 2048 or 1280 context, as diffusers tells SDXL apart), else 96 with Linear projections (SD2)
+    and 64 with conv ones (SD1)."""
     sd = state_dict
     mc, in_ch = sd["input_blocks.0.0.weight"].shape[:2]
     n_in = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
     levels = 1 + sum(f"input_blocks.{i}.0.op.weight" in sd for i in range(n_in))
     nrb = (n_in - levels) // levels  # n_in = 1 + levels * nrb + (levels - 1)
-    mult, attn = [], []
+    mult, attn, depths = [], [], []
     for level in range(levels):
         first = 1 + level * (nrb + 1)  # first ResBlock of the level
         mult.append(sd[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // mc)
-        if f"input_blocks.{first}.1.proj_in.weight" in sd:
+        depths.append(_count_blocks(sd, f"input_blocks.{first}.1."))
+        if depths[-1]:
             attn.append(2 ** level)
     linear = sd["middle_block.1.proj_in.weight"].ndim == 2
-    depth = len({k.split(".")[3] for k in sd if k.startswith("middle_block.1.transformer_blocks.")})
+    context_dim = sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
+    adm = sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else None
     heads = dict(num_heads=-1, num_head_channels=64) if linear else dict(num_heads=8, num_head_channels=-1)
+    xl = adm is not None and context_dim in (2048, 1280)
     return UNetConfig(in_channels=in_ch, out_channels=sd["out.2.weight"].shape[0], model_channels=mc,
                       attention_resolutions=tuple(sorted(attn, reverse=True)), num_res_blocks=nrb,
-                      channel_mult=tuple(mult), transformer_depth=depth,
-                      context_dim=sd["middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
-                      use_linear_in_transformer=linear, image_size=96 if linear else 64, **heads)
+                      channel_mult=tuple(mult), **_depth_fields(depths, _count_blocks(sd, "middle_block.1.")),
+                      context_dim=context_dim, use_linear_in_transformer=linear, adm_in_channels=adm,
+                      image_size=128 if xl else 96 if linear else 64, **heads)
+
+
+def _count_blocks(sd: dict[str, torch.Tensor], prefix: str) -> int:
+    """How many transformer_blocks the SpatialTransformer at `prefix` holds (0: none there)."""
+    prefix += "transformer_blocks."
+    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+
+def _depth_fields(depths: list[int], middle: int) -> dict:
+    """transformer_depth / transformer_depth_middle in the presets' form, from per-level depths (0 where a level has
+    no attention) and the middle's: one int when all levels with attention agree, else the per-level tuple; the
+    middle only where it differs from what None would give."""
+    used = {d for d in depths if d}
+    if len(used) <= 1:
+        depth = used.pop() if used else middle
+        return dict(transformer_depth=depth, transformer_depth_middle=None if middle == depth else middle)
+    return dict(transformer_depth=tuple(depths), transformer_depth_middle=None if middle == depths[-1] else middle)
 
 
 # ResBlock sub-layer names: ours -> diffusers ResnetBlock2D
@@ -356,6 +449,8 @@ def diffusers_prefixes(cfg: UNetConfig) -> list[tuple[str, str, bool]]:
              ("input_blocks.0.0.", "conv_in.", False), ("middle_block.0.", "mid_block.resnets.0.", True),
              ("middle_block.1.", "mid_block.attentions.0.", False), ("middle_block.2.", "mid_block.resnets.1.", True),
              ("out.0.", "conv_norm_out.", False), ("out.2.", "conv_out.", False)]
+    if cfg.adm_in_channels is not None:  # SDXL's y MLP: diffusers' add_embedding (its add_time_proj has no weights)
+        table += [(f"label_emb.0.{i}.", f"add_embedding.linear_{n}.", False) for i, n in ((0, 1), (2, 2))]
     for i in range(levels):
         for j in range(n):  # encoder level i: input_blocks 1 + i * (n + 1) + j, then its Downsample
             table.append((f"input_blocks.{1 + i * (n + 1) + j}.0.", f"down_blocks.{i}.resnets.{j}.", True))
@@ -398,20 +493,14 @@ def convert_diffusers(state_dict: dict[str, torch.Tensor], cfg: UNetConfig) -> d
 def config_from_diffusers(config_json: dict) -> UNetConfig:
     """A diffusers `unet/config.json` dict -> UNetConfig.
 
-    diffusers stores the number of heads under `attention_head_dim` (8 for SD1, [5, 10, 20, 20] for SD2); equal
-    counts mean a fixed head count, counts growing with width mean a fixed head width."""
+    diffusers stores the number of heads under `attention_head_dim` (8 for SD1, [5, 10, 20, 20] for SD2, [5, 10, 20]
+    for SDXL); equal counts mean a fixed head count, counts growing with width mean a fixed head width.
+    `transformer_layers_per_block` (an int or one per level; the mid block takes the last) gives the depths, and
+    SDXL's `addition_embed_type: "text_time"` the width of y (`projection_class_embeddings_input_dim`)."""
     c = config_json
     widths = list(c["block_out_channels"])
     mc = widths[0]
-    heads = c.get("num_attention_heads") or c["attention_head_dim"]
-    heads = [heads] * len(widths) if isinstance(heads, int) else list(heads)
-    if len(set(heads)) == 1:
-        head_cfg = dict(num_heads=heads[0], num_head_channels=-1)
-    else:
-        head_width = {w // h for w, h in zip(widths, heads)}
-        if len(head_width) != 1:
-            raise ValueError(f"head counts {heads} fit neither a fixed count nor a fixed width")
-        head_cfg = dict(num_heads=-1, num_head_channels=head_width.pop())
+    has_attn = ["CrossAttn" in t for t in c["down_block_types"]]
 
     def uniform(v: int | list[int], name: str) -> int:
         if isinstance(v, int):
@@ -422,10 +511,46 @@ def config_from_diffusers(config_json: dict) -> UNetConfig:
 
     return UNetConfig(
         in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4), model_channels=mc,
-        attention_resolutions=tuple(sorted((2 ** i for i, t in enumerate(c["down_block_types"]) if "CrossAttn" in t),
-                                          reverse=True)),
+        attention_resolutions=tuple(sorted((2 ** i for i, a in enumerate(has_attn) if a), reverse=True)),
         num_res_blocks=uniform(c.get("layers_per_block", 2), "layers_per_block"),
-        channel_mult=tuple(w // mc for w in widths),
-        transformer_depth=uniform(c.get("transformer_layers_per_block", 1), "transformer_layers_per_block"),
+        channel_mult=tuple(w // mc for w in widths), **_diffusers_depths(c, has_attn),
         context_dim=c["cross_attention_dim"], use_linear_in_transformer=bool(c.get("use_linear_projection", False)),
-        image_size=c.get("sample_size", 64), **head_cfg)
+        adm_in_channels=_diffusers_adm(c), image_size=c.get("sample_size", 64), **_diffusers_heads(c, widths))
+
+
+def _diffusers_heads(c: dict, widths: list[int]) -> dict:
+    """num_heads / num_head_channels from diffusers' per-level head counts."""
+    heads = c.get("num_attention_heads") or c["attention_head_dim"]
+    heads = [heads] * len(widths) if isinstance(heads, int) else list(heads)
+    if len(set(heads)) == 1:
+        return dict(num_heads=heads[0], num_head_channels=-1)
+    head_width = {w // h for w, h in zip(widths, heads)}
+    if len(head_width) != 1:
+        raise ValueError(f"head counts {heads} fit neither a fixed count nor a fixed width")
+    return dict(num_heads=-1, num_head_channels=head_width.pop())
+
+
+def _diffusers_depths(c: dict, has_attn: list[bool]) -> dict:
+    """transformer_depth(_middle) from transformer_layers_per_block; entries at levels without attention are unused
+    (SDXL's published [1, 2, 10] -> (0, 2, 10))."""
+    if c.get("reverse_transformer_layers_per_block") is not None:
+        raise ValueError("reverse_transformer_layers_per_block (decoder depths unlike the encoder's) is not supported")
+    per_level = c.get("transformer_layers_per_block", 1)
+    per_level = [per_level] * len(has_attn) if isinstance(per_level, int) else list(per_level)
+    if not all(isinstance(d, int) for d in per_level):
+        raise ValueError(f"transformer_layers_per_block {per_level}: depths per ResBlock are not supported")
+    return _depth_fields([d if a else 0 for d, a in zip(per_level, has_attn)], per_level[-1])
+
+
+def _diffusers_adm(c: dict) -> int | None:
+    """adm_in_channels: the add_embedding input width of SDXL's "text_time" conditioning; other extra
+    conditionings (class labels, image embeddings) have no counterpart here."""
+    kind, classes = c.get("addition_embed_type"), (c.get("class_embed_type"), c.get("num_class_embeds"))
+    if classes != (None, None) or kind not in (None, "text_time"):
+        raise ValueError(f"diffusers U-Net conditioning not supported: class_embed_type / num_class_embeds {classes}, "
+                         f"addition_embed_type {kind}")
+    if kind is None:
+        return None
+    if c.get("addition_time_embed_dim", 256) != 256:  # adm_vector embeds each number in 256 channels, as SDXL
+        raise ValueError(f"addition_time_embed_dim {c['addition_time_embed_dim']}: only SDXL's 256 is supported")
+    return c["projection_class_embeddings_input_dim"]
