@@ -51,8 +51,10 @@ if __name__ == "__main__":
 import contextlib
 import gc
 import importlib.util
+import json
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -197,44 +199,64 @@ def make_random_checkpoint(path: Path, dtype: torch.dtype = torch.float32):
 # the diffusers twin: the same weights in diffusers' own classes, converted by diffusers' own single-file converters
 
 
-def diffusers_configs(model: ldm.LatentDiffusion) -> tuple[dict, dict, dict]:
-    """(original-style yaml, diffusers U-Net config, diffusers VAE config) for our model's architecture, as
-    diffusers derives them from an original checkpoint and its yaml. Needs diffusers."""
-    from diffusers.loaders.single_file_utils import (create_unet_diffusers_config_from_ldm,
-                                                     create_vae_diffusers_config_from_ldm)
-    ckpt = model.checkpoint_state_dict()
-    unet_params = {k: v for k, v in asdict(model.unet.cfg).items() if v != -1}
-    unet_params.update(use_spatial_transformer=True, legacy=False)
+def unet_original_yaml(cfg, vae_ch_mult=(1, 2, 4, 4)) -> dict:
+    """The parts of an original (LDM / sgm) yaml that diffusers reads for a U-Net config `cfg`: its params without the
+    -1 head fields and unset (None) fields, as in the real yamls, `num_classes: sequential` where it takes a y, and
+    the first stage's ch_mult (diffusers' sample_size = image_size / 2 ** (len - 1))."""
+    params = {k: v for k, v in asdict(cfg).items() if v != -1 and v is not None}
+    params.update(use_spatial_transformer=True, legacy=False)
+    if cfg.adm_in_channels is not None:
+        params["num_classes"] = "sequential"
+    vae = {"params": {"ddconfig": {"ch_mult": list(vae_ch_mult)}}}
+    return {"model": {"params": {"unet_config": {"params": params}, "first_stage_config": vae}}}
+
+
+def unet_diffusers_config(cfg, image_size: int = None, vae_ch_mult=(1, 2, 4, 4)) -> dict:
+    """The UNet2DConditionModel config diffusers derives from the original yaml of U-Net config `cfg` (its
+    single-file loader's create_unet_diffusers_config_from_ldm) for images of `image_size` (default: the config's
+    latent size x 8). Needs diffusers."""
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+    yaml = unet_original_yaml(cfg, vae_ch_mult)
+    params = yaml["model"]["params"]["unet_config"]["params"]
+    # diffusers tells an SDXL U-Net (added "text_time" embedding) from a class-conditional one by the context width,
+    # 2048 (base) or 1280 (refiner); a narrower SDXL-structured U-Net is read as its real width, then takes its own
+    sdxl_width = cfg.adm_in_channels is not None and cfg.context_dim not in (2048, 1280)
+    if sdxl_width:
+        params["context_dim"] = 2048
+    size = image_size or cfg.image_size * 2 ** (len(vae_ch_mult) - 1)
+    with warnings.catch_warnings():  # diffusers deprecates image_size for from_single_file, not for this helper
+        warnings.simplefilter("ignore", FutureWarning)
+        config = create_unet_diffusers_config_from_ldm(yaml, {}, image_size=size)
+    if sdxl_width:
+        config["cross_attention_dim"] = cfg.context_dim
+    if config["attention_head_dim"] is None:  # fixed head width with conv projections: heads per level
+        config["attention_head_dim"] = [cfg.model_channels * m // cfg.num_head_channels for m in cfg.channel_mult]
+    return config
+
+
+def diffusers_configs(model: ldm.LatentDiffusion) -> tuple[dict, dict]:
+    """(diffusers U-Net config, diffusers VAE config) for our model's architecture, as diffusers derives them from
+    an original checkpoint and its yaml. Needs diffusers."""
+    from diffusers.loaders.single_file_utils import create_vae_diffusers_config_from_ldm
     vae_cfg = model.vae.cfg
     ddconfig = {k: getattr(vae_cfg, k) for k in ("double_z", "z_channels", "resolution", "in_channels", "out_ch",
                                                   "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout")}
-    yaml = {"model": {"params": {"unet_config": {"params": unet_params},
-                                 "first_stage_config": {"params": {"embed_dim": vae_cfg.embed_dim,
+    yaml = {"model": {"params": {"first_stage_config": {"params": {"embed_dim": vae_cfg.embed_dim,
                                                                    "ddconfig": ddconfig}}}}}
-    size = model.resolution
-    with warnings.catch_warnings():  # diffusers deprecates image_size for from_single_file, not for these helpers
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        unet_config = create_unet_diffusers_config_from_ldm(yaml, ckpt, image_size=size)
-        vae_config = create_vae_diffusers_config_from_ldm(yaml, ckpt, image_size=size,
+        vae_config = create_vae_diffusers_config_from_ldm(yaml, {}, image_size=model.resolution,
                                                           scaling_factor=model.scale_factor)
-    if unet_config["attention_head_dim"] is None:  # fixed head width with conv projections: heads per level
-        c = model.unet.cfg
-        unet_config["attention_head_dim"] = [c.model_channels * m // c.num_head_channels for m in c.channel_mult]
-    return yaml, unet_config, vae_config
+    return unet_diffusers_config(model.unet.cfg, model.resolution, vae_cfg.ch_mult), vae_config
 
 
-def diffusers_pipeline(model: ldm.LatentDiffusion, prediction_type: str = None, assign: bool = False):
-    """(pipeline, layout): a diffusers StableDiffusionPipeline (DDIMScheduler in the SD settings) holding the same
-    weights as our SD 1.x-layout `model`, via diffusers' single-file converters, and the layout: the diffusers
-    configs plus which of our single-file keys each diffusers tensor comes from. assign=True: the U-Net and VAE
-    are built on the meta device and take our tensors themselves (no second copy). Needs diffusers and
-    transformers."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def diffusers_unet_vae(model: ldm.LatentDiffusion, ckpt: dict, assign: bool = False):
+    """(unet, unet_sd, vae, vae_sd): diffusers' UNet2DConditionModel and AutoencoderKL holding `model`'s weights
+    (`ckpt`: its checkpoint_state_dict), moved by diffusers' own single-file converters, with the state dicts they
+    loaded (sharing ckpt's tensors). assign=True: built on the meta device, taking ckpt's tensors themselves."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    ckpt = model.checkpoint_state_dict()
-    _, unet_config, vae_config = diffusers_configs(model)
+    unet_config, vae_config = diffusers_configs(model)
     build = torch.device("meta") if assign else contextlib.nullcontext()
     unet_sd = convert_ldm_unet_checkpoint(ckpt, unet_config)
     with build:
@@ -244,6 +266,106 @@ def diffusers_pipeline(model: ldm.LatentDiffusion, prediction_type: str = None, 
     with build:
         vae = AutoencoderKL(**vae_config).eval()
     vae.load_state_dict(vae_sd, strict=True, assign=assign)
+    return unet, unet_sd, vae, vae_sd
+
+
+def diffusers_scheduler(sampler: str, prediction_type: str = "eps"):
+    """The diffusers scheduler that runs `sampler` as ldm.sample does: DDIM in the SD settings (steps_offset 1 on
+    the "leading" grid), or Euler on k-diffusion's grid (timestep_spacing "linspace": the same sigmas wherever
+    999 / (steps - 1) is a whole number, as diffusers interpolates sigma linearly in t, k-diffusion log sigma)."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+    kw = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+              prediction_type={"eps": "epsilon", "v": "v_prediction"}[prediction_type])
+    if sampler == "ddim":
+        return DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1, **kw)
+    if sampler == "euler":
+        return EulerDiscreteScheduler(timestep_spacing="linspace", **kw)
+    raise ValueError(f"no diffusers scheduler set up for {sampler!r}")
+
+
+def transformers_tokenizer(tokenizer, pad_token: str, folder: Path):
+    """transformers' CLIPTokenizer with our tokenizer's vocabulary and merges (written into `folder`), padding with
+    `pad_token` ("<|endoftext|>" for CLIP-L, "!" = id 0 for OpenCLIP)."""
+    from transformers import CLIPTokenizer
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(tokenizer.encoder), encoding="utf-8")
+    merges = sorted(tokenizer.ranks, key=tokenizer.ranks.get)
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token,
+                         model_max_length=tokenizer.context_length)
+
+
+def diffusers_sdxl_text_encoders(model: ldm.LatentDiffusion, ckpt: dict):
+    """(text_encoder or None, text_encoder_2): transformers' CLIPTextModel (CLIP-L; None for the refiner) and
+    CLIPTextModelWithProjection (bigG) holding the SDXL `model`'s text weights, by diffusers' own single-file
+    converters from its checkpoint_state_dict `ckpt`."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    te = model.text_encoder
+    parts = {k.rstrip("."): v for k, v in ldm.text_parts(te).items()}  # clip_l / clip_g -> the file's prefix
+
+    def hf_config(c, **kw):
+        return CLIPTextConfig(vocab_size=c.vocab_size, hidden_size=c.width, intermediate_size=4 * c.width,
+                              num_hidden_layers=c.layers, num_attention_heads=c.heads,
+                              max_position_embeddings=c.context_length, hidden_act=c.act, **kw)
+    text_encoder = None
+    if te.clip_l is not None:
+        text_encoder = CLIPTextModel(hf_config(te.cfg.clip_l)).eval()
+        prefix = parts["clip_l"][:-len("text_model.")]
+        sd = convert_ldm_clip_checkpoint(ckpt, prefix)  # text_model.* (and the rest of ckpt, unmoved)
+        expected = text_encoder.state_dict()  # transformers 5 names them without the text_model. prefix
+        sd = {k[len("text_model."):] if k[len("text_model."):] in expected else k: v for k, v in sd.items()
+              if k.startswith("text_model.")}
+        missing, unexpected = text_encoder.load_state_dict(sd, strict=False)
+        assert not missing and all(k.endswith("position_ids") for k in unexpected), (missing, unexpected)
+    text_encoder_2 = CLIPTextModelWithProjection(hf_config(te.cfg.clip_g, projection_dim=te.cfg.clip_g.embed_dim))
+    text_encoder_2.load_state_dict(convert_open_clip_checkpoint(text_encoder_2, ckpt, parts["clip_g"]), strict=True)
+    return text_encoder, text_encoder_2.eval()
+
+
+def diffusers_sdxl_pipeline(model: ldm.LatentDiffusion, sampler: str = "euler", refiner: ldm.LatentDiffusion = None,
+                            tokenizer_dir: Path = None, assign: bool = False):
+    """(base, refiner or None): diffusers' StableDiffusionXLPipeline on the SDXL `model`'s weights (and
+    StableDiffusionXLImg2ImgPipeline on the refiner's), every part moved by diffusers' own single-file converters,
+    in the public configs' settings (force_zeros_for_empty_prompt for the base, aesthetic scores for the refiner),
+    with diffusers_scheduler(sampler) and transformers' tokenizers of our vocabulary (written into tokenizer_dir).
+    assign=True: the U-Nets and VAEs take our tensors themselves. Needs diffusers and transformers."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    folder = Path(tokenizer_dir or tempfile.mkdtemp())
+    tokenizer = transformers_tokenizer(model.tokenizer, "<|endoftext|>", folder / "tokenizer")
+    tokenizer_2 = transformers_tokenizer(model.tokenizer, "!", folder / "tokenizer_2")
+    pipes = []
+    for part in (model, refiner):
+        if part is None:
+            pipes.append(None)
+            continue
+        ckpt = part.checkpoint_state_dict()
+        unet, _, vae, _ = diffusers_unet_vae(part, ckpt, assign)
+        text_encoder, text_encoder_2 = diffusers_sdxl_text_encoders(part, ckpt)
+        common = dict(vae=vae, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, unet=unet,
+                      scheduler=diffusers_scheduler(sampler, part.prediction_type), add_watermarker=False)
+        if text_encoder is not None:
+            pipe = StableDiffusionXLPipeline(text_encoder=text_encoder, tokenizer=tokenizer,
+                                             force_zeros_for_empty_prompt=True, **common)
+        else:
+            pipe = StableDiffusionXLImg2ImgPipeline(text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
+                                                    force_zeros_for_empty_prompt=False, **common)
+        pipe.set_progress_bar_config(disable=True)
+        pipes.append(pipe)
+    return tuple(pipes)
+
+
+def diffusers_pipeline(model: ldm.LatentDiffusion, prediction_type: str = None, assign: bool = False):
+    """(pipeline, layout): a diffusers StableDiffusionPipeline (DDIMScheduler in the SD settings) holding the same
+    weights as our SD 1.x-layout `model`, via diffusers' single-file converters, and the layout: the diffusers
+    configs plus which of our single-file keys each diffusers tensor comes from. assign=True: the U-Net and VAE
+    are built on the meta device and take our tensors themselves (no second copy). Needs diffusers and
+    transformers."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    ckpt = model.checkpoint_state_dict()
+    unet, unet_sd, vae, vae_sd = diffusers_unet_vae(model, ckpt, assign)
     tc = model.text_encoder.cfg
     text_config = CLIPTextConfig(vocab_size=tc.vocab_size, hidden_size=tc.width, intermediate_size=4 * tc.width,
                                  num_hidden_layers=tc.layers, num_attention_heads=tc.heads,
@@ -253,10 +375,7 @@ def diffusers_pipeline(model: ldm.LatentDiffusion, prediction_type: str = None, 
     text_sd = {k[len(prefix):]: v for k, v in ckpt.items() if k.startswith(prefix)}
     missing, unexpected = text.load_state_dict(text_sd, strict=False)
     assert not missing and all(k.endswith("position_ids") for k in unexpected), (missing, unexpected)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1,
-                              prediction_type={"eps": "epsilon", "v": "v_prediction"}[
-                                  prediction_type or model.prediction_type])
+    scheduler = diffusers_scheduler("ddim", prediction_type or model.prediction_type)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     source = {v.untyped_storage().data_ptr(): k for k, v in ckpt.items()}  # reshapes keep the storage
@@ -547,7 +666,7 @@ def bench_train(args, S: Settings, table: Table, device: torch.device):
         del unet
     if importlib.util.find_spec("diffusers") is not None:
         from diffusers import UNet2DConditionModel
-        config = diffusers_configs(model)[1]
+        config = diffusers_configs(model)[0]
         for ckpt in (False, True):
             torch.manual_seed(0)
             with torch.device(device):

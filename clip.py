@@ -99,11 +99,19 @@ class Tokenizer:
 
     @classmethod
     def from_diffusers(cls, folder: str, context_length: int = 77) -> "Tokenizer":
-        """Read a diffusers/transformers `tokenizer/` folder (vocab.json, merges.txt, optional pad_token)."""
-        with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
-            encoder = json.load(f)
-        with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
-            merges = [tuple(line.split()) for line in f.read().split("\n") if line and not line.startswith("#version")]
+        """Read a diffusers/transformers `tokenizer/` folder: vocab.json + merges.txt, or the tokenizer.json that
+        transformers 5 writes alone; the pad token from its config."""
+        if os.path.exists(os.path.join(folder, "vocab.json")):
+            with open(os.path.join(folder, "vocab.json"), encoding="utf-8") as f:
+                encoder = json.load(f)
+            with open(os.path.join(folder, "merges.txt"), encoding="utf-8") as f:
+                merges = [tuple(line.split()) for line in f.read().split("\n")
+                          if line and not line.startswith("#version")]
+        else:
+            with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:
+                bpe = json.load(f)["model"]  # {"type": "BPE", "vocab": {token: id}, "merges": ["a b"] or [[a, b]]}
+            encoder = bpe["vocab"]
+            merges = [tuple(m.split() if isinstance(m, str) else m) for m in bpe["merges"]]
         pad_token = EOT_TOKEN  # transformers' CLIPTokenizer default
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # either may name it; public SD folders agree
             path = os.path.join(folder, name)

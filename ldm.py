@@ -91,6 +91,9 @@ PRESETS = {
     "sdxl": dict(unet="sdxl", vae="sdxl", text="sdxl", prediction_type="eps", resolution=1024),
     "sdxl-refiner": dict(unet="sdxl-refiner", vae="sdxl", text="sdxl-refiner", prediction_type="eps",
                          resolution=1024),
+    "tiny-sdxl": dict(unet="tiny-sdxl", vae="tiny-kl", text="tiny-sdxl", prediction_type="eps", resolution=64),
+    "tiny-sdxl-refiner": dict(unet="tiny-sdxl-refiner", vae="tiny-kl", text="tiny-sdxl-refiner",
+                              prediction_type="eps", resolution=64),
 }
 
 
@@ -696,13 +699,7 @@ class Sizes:
 
 def is_sdxl(model: LatentDiffusion) -> bool:
     """An SDXL base or refiner: its U-Net takes the conditioning vector y beside the context."""
-    return bool(getattr(model.unet.cfg, "adm_in_channels", None))
-
-
-def size_embedding(values: list[float]) -> torch.Tensor:
-    """[B, 256 n]: each of a row's n numbers as the U-Net's 256-wide sinusoidal timestep embedding, side by side."""
-    v = torch.tensor(values, dtype=torch.float32)  # [B, n]
-    return unet_lib.timestep_embedding(v.reshape(-1), 256).reshape(v.shape[0], -1)
+    return model.unet.cfg.adm_in_channels is not None
 
 
 def conditioning(model: LatentDiffusion, prompts: list[str], negatives: list[str], *, use_cfg: bool, clip_skip: int,
@@ -722,7 +719,7 @@ def conditioning(model: LatentDiffusion, prompts: list[str], negatives: list[str
     orig, target = sizes.original_size or (height, width), sizes.target_size or (height, width)
     scores = [sizes.negative_aesthetic_score] * len(negatives) * use_cfg + [sizes.aesthetic_score] * len(prompts)
     rows = [[*orig, *sizes.crop, score] if refiner else [*orig, *sizes.crop, *target] for score in scores]
-    y = torch.cat([pooled.float().cpu(), size_embedding(rows)], dim=1)
+    y = unet_lib.adm_vector(pooled.float().cpu(), torch.tensor(rows, dtype=torch.float32))
     return context, y.to(model.device, model.dtype)
 
 
@@ -1026,7 +1023,8 @@ def _load_diffusers_folder(path: Path, prediction_type):
     scheduler = path / "scheduler" / "scheduler_config.json"
     sched = checkpoint.read_json(scheduler) if scheduler.exists() else {}
     pred = {"epsilon": "eps", "v_prediction": "v"}.get(sched.get("prediction_type", "epsilon"), "eps")
-    tokenizer = clip.Tokenizer.from_diffusers(path / "tokenizer") if (path / "tokenizer").exists() else None
+    folder = next((path / n for n in ("tokenizer", "tokenizer_2") if (path / n).is_dir()), None)  # refiner: _2 only
+    tokenizer = clip.Tokenizer.from_diffusers(folder) if folder else None
     cfg = dict(unet=asdict(unet_cfg), vae=asdict(vae_cfg), text=asdict(text_cfg),
                prediction_type=prediction_type or pred,
                resolution=unet_cfg.image_size * 2 ** (len(vae_cfg.ch_mult) - 1),

@@ -3,6 +3,8 @@ full-size layouts with strict errors, save/load round trips and diffusers folder
 tensors come from fixtures/gen_ldm.py (reference implementations). Checkpoint file formats: test_checkpoint.py."""
 
 import json
+import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,9 +12,10 @@ import torch
 import checkpoint
 import clip
 import ldm
+import unet as unet_lib
 from checkpoint import CheckpointError
-from testutil import (FIXTURES, PIPELINE_NEGATIVE, PIPELINE_PROMPTS, PIPELINE_RUNS, PIPELINE_SEED,
-                      manifest_state_dict, randomize_)
+from testutil import (FIXTURES, PIPELINE_NEGATIVE, PIPELINE_PROMPTS, PIPELINE_RUNS, PIPELINE_SEED, SDXL_NARROW,
+                      SDXL_PROMPTS, SDXL_RUNS, SDXL_SEED, SDXL_SEEDS, manifest_state_dict, randomize_)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -69,6 +72,74 @@ def test_sampling_matches_diffusers_pipeline(run):
     assert ref.std() > 0.05  # the reference image is not flat, so the comparison means something
 
 
+# -----------------------------------------------------------------------------------------------------------------
+# SDXL base and refiner against diffusers' StableDiffusionXLPipeline / StableDiffusionXLImg2ImgPipeline
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    """(base, refiner, golden): the reduced-width SDXL models of the golden file, with its seeded weights."""
+    base = randomize_(ldm.build_model(SDXL_NARROW["sdxl"]), SDXL_SEEDS["sdxl"]).eval()
+    refiner = randomize_(ldm.build_model(SDXL_NARROW["sdxl-refiner"]), SDXL_SEEDS["sdxl-refiner"]).eval()
+    return base, refiner, torch.load(FIXTURES / "ldm_sdxl.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("run", list(SDXL_RUNS))
+def test_sdxl_sampling_matches_diffusers_pipeline(sdxl, run):
+    # DDIM and Euler on the base, size conditioning, and the base handing over to the refiner at 0.8 of the
+    # schedule; diffusers got the same weights through its own single-file converters. Measured <= 4.6e-6 (of 1);
+    # atol 1e-4 as for SD 1.x (a wrong size embedding, zeroing or handoff step moves pixels by O(0.01..0.1)).
+    base, refiner, golden = sdxl
+    kw = dict(SDXL_RUNS[run])
+    kw["sizes"] = ldm.Sizes(**kw.get("sizes", {}))
+    images = ldm.sample(base, SDXL_PROMPTS, seed=SDXL_SEED, refiner=refiner if "refiner_switch" in kw else None,
+                        output_type="tensor", progress=False, **kw)
+    torch.testing.assert_close((images / 2 + 0.5).clamp(0, 1), golden[run], rtol=1e-4, atol=1e-4)
+    assert golden[run].std() > 0.05
+
+
+def test_sdxl_conditioning_matches_diffusers(sdxl):
+    """The CFG batch's context ([uncond; cond]: CLIP-L | bigG penultimate layers; zeros for no negative prompt on
+    the base) and y ([pooled bigG | 256-wide embeddings of sizes, crop and target size or aesthetic score])."""
+    base, refiner, golden = sdxl
+    sizes = dict(original_size=(96, 128), crop=(16, 8))
+    for key, model, negatives, extra in (("base", base, ["", ""], dict(target_size=(48, 80))),
+                                         ("refiner", refiner, ["blurry", "grainy"],
+                                          dict(aesthetic_score=7.0, negative_aesthetic_score=2.0))):
+        context, y = ldm.conditioning(model, SDXL_PROMPTS, negatives, use_cfg=True, clip_skip=1, height=64,
+                                      width=64, sizes=ldm.Sizes(**sizes, **extra))
+        # fp32, different operation orders: measured <= 2e-5 on values of size ~20 (sin/cos of sizes up to 128)
+        torch.testing.assert_close(context, golden[f"{key}_context"], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(y, golden[f"{key}_y"], rtol=1e-5, atol=1e-4)
+    assert golden["base_context"][:2].abs().max() == 0 and golden["base_y"][:2, :48].abs().max() == 0
+
+
+def test_sdxl_vae_decodes_with_its_scale(sdxl):
+    base, _, golden = sdxl
+    assert base.scale_factor == 0.13025 and ldm.build_model("sdxl", device="meta").scale_factor == 0.13025
+    torch.testing.assert_close(base.decode_latents(golden["latents"]), golden["decoded"], rtol=1e-4, atol=1e-4)
+
+
+def test_sdxl_diffusers_folders_load_same_weights(sdxl, tmp_path):
+    """Folders written by diffusers' own save_pretrained (base: text_encoder/ + text_encoder_2/, refiner: _2/ only)
+    load into the same tensors."""
+    from bench import diffusers_sdxl_pipeline
+    base, refiner, _ = sdxl
+    for model, pipe in zip((base, refiner), diffusers_sdxl_pipeline(base, "euler", refiner, tokenizer_dir=tmp_path)):
+        pipe.save_pretrained(tmp_path / "folder")
+        loaded = ldm.load_model(tmp_path / "folder", device="cpu", dtype=torch.float32)
+        assert loaded.text_encoder.cfg == model.text_encoder.cfg and loaded.unet.cfg == model.unet.cfg
+        assert loaded.scale_factor == 0.13025 and loaded.resolution == 64 and loaded.prediction_type == "eps"
+        # transformers 5 writes tokenizer.json alone (no vocab.json / merges.txt)
+        assert (loaded.tokenizer.encoder, loaded.tokenizer.ranks) == (model.tokenizer.encoder, model.tokenizer.ranks)
+        ours, theirs = model.state_dict(), loaded.state_dict()
+        assert set(ours) == set(theirs)
+        for k in ours:
+            if not k.endswith("logit_scale"):  # diffusers does not keep it (CLIP's initial value stands in)
+                assert torch.equal(ours[k], theirs[k]), k
+        shutil.rmtree(tmp_path / "folder")
+
+
 @pytest.mark.parametrize("eta", [0.0, 0.5])
 def test_batch_images_equal_single_prompt_calls_with_consecutive_seeds(eta):
     model = tiny_model()
@@ -108,6 +179,22 @@ def test_full_size_checkpoints_load_strictly(names, layout, text_prefix):
     assert {k[len(text_prefix):] for k in kept if k.startswith(text_prefix)} == set(model.text_encoder.state_dict())
     # exported files carry exactly the public keys (EMA copies aside)
     assert set(loaded) == {k for k in manifest_state_dict(names[0]) if not k.endswith("position_ids")}
+
+
+@pytest.mark.parametrize("name,layout", [("sdxl-base", "sdxl"), ("sdxl-refiner", "sdxl-refiner")])
+def test_full_size_sdxl_files_load_strictly(name, layout):
+    """The public SDXL base / refiner files (their every key and shape, on the meta device) are detected, load
+    strictly into the SDXL presets and export back to exactly their keys."""
+    sd = manifest_state_dict(name)
+    assert ldm.detect_layout(sd, "x") == layout
+    model, cfg = ldm.model_from_state_dict(sd, {})
+    assert ldm.is_sdxl(model) and model.text_encoder.cfg == clip.PRESETS[layout]
+    assert replace(model.unet.cfg, image_size=128) == unet_lib.PRESETS[layout]
+    assert model.scale_factor == 0.13025 and model.resolution == 1024 and model.prediction_type == "eps"
+    loaded = model.checkpoint_state_dict()
+    kept = {k for k in sd if not checkpoint.is_ignored(k)}
+    assert set(loaded) == kept and all(loaded[k].shape == sd[k].shape for k in kept)
+    assert all(k.endswith("position_ids") or k in checkpoint.IGNORED_KEYS for k in set(sd) - kept)
 
 
 def test_layout_mismatch_names_the_keys():

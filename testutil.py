@@ -9,7 +9,7 @@ The golden fixtures hold inputs and reference outputs only; a test rebuilds the 
 
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ import torch
 import clip
 import unet
 import vae
+from bench import unet_diffusers_config, unet_original_yaml  # noqa: F401  (shared with bench's diffusers twins)
 
 ROOT = Path(__file__).resolve().parent
 FIXTURES = ROOT / "fixtures"
@@ -155,31 +156,6 @@ UNET_NARROW_XL = {
 UNET_PREFIX = "model.diffusion_model."  # the U-Net's prefix in a single-file checkpoint (ldm.PREFIXES["unet"])
 
 
-def unet_original_yaml(cfg: unet.UNetConfig) -> dict:
-    """The parts of an original (LDM / sgm) yaml that diffusers reads for a U-Net `cfg`: its params without the -1
-    head fields and unset (None) fields, as in the real yamls, and `num_classes: sequential` where it takes a y."""
-    from dataclasses import asdict
-    params = {k: v for k, v in asdict(cfg).items() if v != -1 and v is not None}
-    params.update(use_spatial_transformer=True, legacy=False)
-    if cfg.adm_in_channels is not None:
-        params["num_classes"] = "sequential"
-    vae = {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}}  # 8x VAE: sample_size = image_size / 8
-    return {"model": {"params": {"unet_config": {"params": params}, "first_stage_config": vae}}}
-
-
-def unet_diffusers_config(cfg: unet.UNetConfig, image_size: int = None) -> dict:
-    """The UNet2DConditionModel config diffusers derives from the original yaml of `cfg` (its single-file loader's
-    create_unet_diffusers_config_from_ldm); sample_size = image_size / 8, by default cfg.image_size. Needs
-    diffusers."""
-    import warnings
-
-    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
-    with warnings.catch_warnings():  # diffusers deprecates image_size for from_single_file, not for this helper
-        warnings.simplefilter("ignore", FutureWarning)
-        return create_unet_diffusers_config_from_ldm(unet_original_yaml(cfg), {},
-                                                     image_size=image_size or 8 * cfg.image_size)
-
-
 def unet_diffusers_twin(cfg: unet.UNetConfig, seed: int = 0, image_size: int = None):
     """(ours, theirs, config, ours_sd, theirs_sd): our U-Net with randomize_(seed) weights, and a diffusers
     UNet2DConditionModel holding the same tensors, moved by diffusers' own single-file converter into the model
@@ -277,6 +253,34 @@ PIPELINE_SEED = 1234  # image i: torch.Generator("cpu").manual_seed(PIPELINE_SEE
 PIPELINE_RUNS = {  # name: (prediction_type, eta, steps, guidance_scale); "tiny" model, random_weights seed 0
     "eps": ("eps", 0.0, 10, 7.5), "eps_eta": ("eps", 0.5, 8, 5.0), "v": ("v", 0.0, 10, 7.5),
     "nocfg": ("eps", 0.0, 5, 1.0),
+}
+
+
+# --- SDXL: base and refiner against diffusers' StableDiffusionXL(Img2Img)Pipeline (fixtures/gen_ldm.py -> ldm_sdxl.pt)
+
+# Reduced width, real structure: the SDXL U-Nets of UNET_NARROW_XL, the text encoders of CLIP_SDXL_NARROW, SD's
+# 4-level VAE at 32 channels with SDXL's scale; the context and y widths follow the narrow text encoders (base:
+# 64 + 80 and 48 + 6 x 256; refiner: 80 and 48 + 5 x 256). 64x64 images, 8x8 latents.
+SDXL_NARROW = {
+    "sdxl": dict(unet=asdict(replace(UNET_NARROW_XL["sdxl"], context_dim=144, adm_in_channels=48 + 6 * 256,
+                                     image_size=8)),
+                 vae=asdict(replace(VAE_NARROW["kl"], scale_factor=0.13025)), text=CLIP_SDXL_NARROW,
+                 prediction_type="eps", resolution=64),
+    "sdxl-refiner": dict(unet=asdict(replace(UNET_NARROW_XL["sdxl-refiner"], context_dim=80,
+                                             adm_in_channels=48 + 5 * 256, image_size=8)),
+                         vae=asdict(replace(VAE_NARROW["kl"], scale_factor=0.13025)),
+                         text=replace(CLIP_SDXL_NARROW, clip_l=None), prediction_type="eps", resolution=64),
+}
+SDXL_SEEDS = {"sdxl": 31, "sdxl-refiner": 32}  # randomize_ seed of each whole model
+SDXL_PROMPTS = ["a red apple on a table", "an emoji of a smiling cat"]
+SDXL_SEED = 1234  # image i: torch.Generator("cpu").manual_seed(SDXL_SEED + i)
+SDXL_RUNS = {  # ldm.sample's arguments; negative_prompts None = diffusers' zeros for no negative prompt
+    "ddim": dict(sampler="ddim", steps=10, guidance_scale=5.0, negative_prompts=None),
+    "euler": dict(sampler="euler", steps=10, guidance_scale=7.0, negative_prompts=["blurry", "ugly, lowres"]),
+    "sizes": dict(sampler="euler", steps=4, guidance_scale=6.0, negative_prompts=None,
+                  sizes=dict(original_size=(96, 128), crop=(16, 8), target_size=(48, 80))),
+    "refiner": dict(sampler="euler", steps=10, guidance_scale=5.0, negative_prompts=["blurry", "grainy"],
+                    refiner_switch=0.8, sizes=dict(aesthetic_score=7.0, negative_aesthetic_score=2.0)),
 }
 
 

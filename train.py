@@ -25,7 +25,7 @@ DEFAULTS = {
                sample_every=1000, val_every=500, grad_clip=1.0),
 }
 SCRATCH_SD_LR = 1e-4  # from-scratch SD-sized runs (LDM's text-to-image rate) rather than fine-tuning's 1e-5
-CONFIGS = ("tiny", "small", "sd1", "sd2", "sdxl", "sdxl-refiner")  # ldm.PRESETS, named here: --help needs no torch
+CONFIGS = ("tiny", "small", "sd1", "sd2", "sdxl", "sdxl-refiner", "tiny-sdxl", "tiny-sdxl-refiner")  # ldm.PRESETS
 
 
 def make_parser() -> argparse.ArgumentParser:

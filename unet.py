@@ -91,6 +91,14 @@ PRESETS: dict[str, UNetConfig] = {
     "sdxl-refiner": UNetConfig(model_channels=384, attention_resolutions=(4, 2), num_heads=-1, num_head_channels=64,
                                transformer_depth=4, context_dim=1280, use_linear_in_transformer=True,
                                adm_in_channels=2560, image_size=128),
+    # The SDXL structure (no attention at level 0, a y vector) at toy size, for tests and small experiments; pairs
+    # with the tiny-sdxl text encoders: context 32 + 48, y = pooled 40 + 6 x 256 (refiner: 48, 40 + 5 x 256)
+    "tiny-sdxl": UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(4, 2), num_res_blocks=1,
+                            num_heads=-1, num_head_channels=8, transformer_depth=(0, 1, 2), context_dim=80,
+                            use_linear_in_transformer=True, adm_in_channels=1576, image_size=16),
+    "tiny-sdxl-refiner": UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(4, 2),
+                                    num_res_blocks=1, num_heads=-1, num_head_channels=8, context_dim=48,
+                                    use_linear_in_transformer=True, adm_in_channels=1320, image_size=16),
 }
 
 
