@@ -75,20 +75,47 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def kept_size(w: int, h: int) -> tuple[int, int]:
+    """What load_image keeps of a w x h picture before resizing: all of it, or its centre at MAX_ASPECT:1."""
+    return min(w, MAX_ASPECT * h), min(h, MAX_ASPECT * w)
+
+
+def resized_size(w: int, h: int, resolution: int) -> tuple[int, int]:
+    """The (w, h) load_image resizes a w x h picture to before cropping: its kept part, short side = resolution."""
+    w, h = kept_size(w, h)
+    s = resolution / min(w, h)
+    return max(resolution, round(w * s)), max(resolution, round(h * s))
+
+
+def mirrored(sizes: torch.Tensor, resolution: int) -> torch.Tensor:
+    """load_image_sizes geometry [..., 4] of the same crops flipped left-right: the crop's left edge measured from
+    the right (what the mirror image shows)."""
+    out = sizes.clone()
+    for row in out.view(-1, 4):
+        row[3] = resized_size(int(row[1]), int(row[0]), resolution)[0] - resolution - row[3]
+    return out
+
+
 def load_image(path: Path, resolution: int, rng: np.random.Generator = None, random_crop: bool = False,
                flip: bool = False) -> torch.Tensor:
     """[3, R, R] in [-1, 1]: EXIF-rotated, RGB, short side resized to R, centre (or random) crop, optional flip.
     Random choices come from `rng`, seeded per (seed, epoch, image) by the caller."""
+    return load_image_sizes(path, resolution, rng, random_crop, flip)[0]
+
+
+def load_image_sizes(path: Path, resolution: int, rng: np.random.Generator = None, random_crop: bool = False,
+                     flip: bool = False) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """load_image's image, and the geometry SDXL conditions on (its training recipe): (original height, original
+    width, crop top, crop left), the crop's corner in the resized image, measured from the right edge in a
+    flipped one (what the flipped picture shows)."""
     with Image.open(path) as im:
         im = to_rgb(ImageOps.exif_transpose(im))
-    w, h = im.size
-    if max(w, h) > MAX_ASPECT * min(w, h):  # a 1x200000 strip would be resized to 64x12800000 pixels
-        keep_w, keep_h = min(w, MAX_ASPECT * h), min(h, MAX_ASPECT * w)
+    w, h = original = im.size
+    keep_w, keep_h = kept_size(w, h)  # a 1x200000 strip would be resized to 64x12800000 pixels
+    if (keep_w, keep_h) != (w, h):
         im = im.crop(((w - keep_w) // 2, (h - keep_h) // 2, (w + keep_w) // 2, (h + keep_h) // 2))
-        w, h = im.size
-    s = resolution / min(w, h)
-    im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
-    w, h = im.size
+    w, h = resized_size(w, h, resolution)
+    im = im.resize((w, h), Image.BICUBIC)
     if random_crop:
         left, top = int(rng.integers(0, w - resolution + 1)), int(rng.integers(0, h - resolution + 1))
     else:
@@ -96,20 +123,24 @@ def load_image(path: Path, resolution: int, rng: np.random.Generator = None, ran
     im = im.crop((left, top, left + resolution, top + resolution))
     if flip and rng.random() < 0.5:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        left = w - resolution - left
     x = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)  # (3, R, R)
-    return x / 127.5 - 1.0
+    return x / 127.5 - 1.0, (original[1], original[0], top, left)
 
 
-def load_images(items: list[tuple[Path, str]], resolution: int) -> tuple[torch.Tensor | None, list[str]]:
-    """(images [N, 3, R, R] or None, their captions), centre-cropped; unreadable files are left out with a warning."""
-    x, captions = [], []
+def load_images(items: list[tuple[Path, str]], resolution: int) -> tuple[torch.Tensor | None, list[str], list]:
+    """(images [N, 3, R, R] or None, their captions, their load_image_sizes geometry), centre-cropped; unreadable
+    files are left out with a warning."""
+    x, captions, sizes = [], [], []
     for path, caption in items:
         try:
-            x.append(load_image(path, resolution))
+            image, geometry = load_image_sizes(path, resolution)
+            x.append(image)
             captions.append(caption)
+            sizes.append(geometry)
         except Exception as e:
             print(f"warning: image {path} is unreadable, left out ({e})", file=sys.stderr)
-    return (torch.stack(x) if x else None), captions
+    return (torch.stack(x) if x else None), captions, sizes
 
 
 def split_items(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
@@ -148,8 +179,9 @@ def check_images(items: list[tuple[Path, str]], progress: bool = False) -> tuple
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Item (index, epoch) -> (index, image [3, R, R]); augmentation seeded by (seed, epoch, index). A file that
-    fails to decode now (it passed check_images) is replaced by the next readable image, so batches keep their size."""
+    """Item (index, epoch) -> (index, image [3, R, R], its geometry [4]: load_image_sizes); augmentation seeded by
+    (seed, epoch, index). A file that fails to decode now (it passed check_images) is replaced by the next readable
+    image, so batches keep their size."""
 
     def __init__(self, items: list[tuple[Path, str]], resolution: int, seed: int, random_crop=False, flip=False):
         self.items, self.resolution, self.seed = items, resolution, seed
@@ -158,13 +190,14 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[int, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, torch.Tensor, torch.Tensor]:
         index, epoch = key
         for k in range(len(self.items)):
             i = (index + k) % len(self.items)
             try:
                 rng = np.random.default_rng([self.seed, epoch, i])
-                return i, load_image(self.items[i][0], self.resolution, rng, self.random_crop, self.flip)
+                x, sizes = load_image_sizes(self.items[i][0], self.resolution, rng, self.random_crop, self.flip)
+                return i, x, torch.tensor(sizes)
             except Exception as e:
                 print(f"warning: skipping unreadable image {self.items[i][0]} ({e})", file=sys.stderr)
         raise RuntimeError("no readable image left")
@@ -205,8 +238,9 @@ class StepSampler(torch.utils.data.Sampler):
         return max(0, self.total - self.start + 1) * self.accum
 
 
-def collate(batch: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.tensor([i for i, _ in batch]), torch.stack([x for _, x in batch])
+def collate(batch: list[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(indices [B], images [B, 3, R, R], geometry [B, 4]: original h, w, crop top, left)."""
+    return tuple(torch.stack([torch.as_tensor(item[k]) for item in batch]) for k in range(3))
 
 
 def worker_init(_):

@@ -246,12 +246,13 @@ class LatentDiffusion(nn.Module):
 
 
 def diffusion_loss(model: LatentDiffusion, denoise, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond,
-                   snr_gamma: float = None) -> torch.Tensor:
-    """The training loss: mean over the batch of ||target - denoise(z_t, t, cond)||^2 (mean over C, H, W), with
+                   snr_gamma: float = None, y: torch.Tensor = None) -> torch.Tensor:
+    """The training loss: mean over the batch of ||target - denoise(z_t, t, cond[, y])||^2 (mean over C, H, W), with
     z_t = sqrt(a_t) z0 + sqrt(1 - a_t) noise and target = noise (eps) or v. `denoise` is the U-Net or what wraps it
-    (DDP, a text encoder in training). snr_gamma: min-SNR weighting w = min(snr, gamma) / snr for eps,
-    / (snr + 1) for v (Hang et al. 2023), snr = a / (1 - a)."""
-    pred = denoise(model.add_noise(z0, noise, t), t, cond)
+    (DDP, a text encoder in training); y: SDXL's conditioning vector. snr_gamma: min-SNR weighting
+    w = min(snr, gamma) / snr for eps, / (snr + 1) for v (Hang et al. 2023), snr = a / (1 - a)."""
+    z_t = model.add_noise(z0, noise, t)
+    pred = denoise(z_t, t, cond) if y is None else denoise(z_t, t, cond, y)
     target = model.training_target(z0, noise, t)
     per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
     if snr_gamma:
@@ -702,6 +703,25 @@ def is_sdxl(model: LatentDiffusion) -> bool:
     return model.unet.cfg.adm_in_channels is not None
 
 
+def zero_empty(model: LatentDiffusion, texts: list, context: torch.Tensor, pooled: torch.Tensor):
+    """(context, pooled) with the rows whose text is "" set to zero on an SDXL base: what it takes for no prompt
+    (diffusers' force_zeros_for_empty_prompt; its training dropped captions that way). Other models: unchanged."""
+    if pooled is None or model.text_encoder.clip_l is None:  # SD 1.x / 2.x, the refiner
+        return context, pooled
+    empty = torch.tensor([t == "" for t in texts], device=context.device)
+    return context.masked_fill(empty[:, None, None], 0), pooled.masked_fill(empty[:, None], 0)
+
+
+def added_conditioning(model: LatentDiffusion, pooled: torch.Tensor, original: torch.Tensor, crop: torch.Tensor,
+                       target: torch.Tensor = None, score: torch.Tensor = None) -> torch.Tensor:
+    """SDXL's conditioning vector y [B, P + 256 n], float32: the pooled text vector [B, P] and the 256-wide
+    embeddings of original (h, w) [B, 2], crop (top, left) [B, 2], and target (h, w) [B, 2] (base) or the
+    aesthetic score [B] (refiner)."""
+    last = score.reshape(-1, 1) if model.text_encoder.clip_l is None else target
+    rows = torch.cat([original, crop, last], dim=1).float().to(pooled.device)
+    return unet_lib.adm_vector(pooled.float(), rows)
+
+
 def conditioning(model: LatentDiffusion, prompts: list[str], negatives: list[str], *, use_cfg: bool, clip_skip: int,
                  height: int, width: int, sizes: Sizes) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(context, y): what the U-Net attends to ([uncond; cond] with CFG) and, for SDXL, its conditioning vector
@@ -712,14 +732,13 @@ def conditioning(model: LatentDiffusion, prompts: list[str], negatives: list[str
     if not is_sdxl(model):
         return model.encode_prompt(texts, clip_skip=clip_skip), None
     context, pooled = model.encode_prompt(texts, clip_skip=clip_skip, pooled=True)
-    refiner = model.text_encoder.clip_l is None
-    if use_cfg and not refiner:
-        empty = torch.tensor([n == "" for n in negatives] + [False] * len(prompts), device=context.device)
-        context, pooled = context.masked_fill(empty[:, None, None], 0), pooled.masked_fill(empty[:, None], 0)
+    if use_cfg:
+        context, pooled = zero_empty(model, negatives + [None] * len(prompts), context, pooled)
+    n = len(texts)
     orig, target = sizes.original_size or (height, width), sizes.target_size or (height, width)
     scores = [sizes.negative_aesthetic_score] * len(negatives) * use_cfg + [sizes.aesthetic_score] * len(prompts)
-    rows = [[*orig, *sizes.crop, score] if refiner else [*orig, *sizes.crop, *target] for score in scores]
-    y = unet_lib.adm_vector(pooled.float().cpu(), torch.tensor(rows, dtype=torch.float32))
+    y = added_conditioning(model, pooled.float().cpu(), torch.tensor([orig] * n), torch.tensor([sizes.crop] * n),
+                           torch.tensor([target] * n), torch.tensor(scores))
     return context, y.to(model.device, model.dtype)
 
 

@@ -243,8 +243,9 @@ class Run:
     def backward(self, loss: torch.Tensor):
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def next_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's next micro-batch (indices, images [B, 3, R, R]) of the step order, from `step` on."""
+    def next_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's next micro-batch (indices, images [B, 3, R, R], geometry [B, 4]: data.collate) of the step
+        order, from `step` on."""
         if self.batches is None:
             sampler = data.StepSampler(len(self.items), self.args.batch_size, self.world, self.rank,
                                        self.args.grad_accum, self.args.seed, step, self.total)

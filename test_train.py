@@ -26,6 +26,7 @@ import sample
 import train
 import train_vae
 import vae as vae_lib
+from testutil import SDXL_NARROW, randomize_
 
 HERE = Path(__file__).parent
 FAST = ["--resolution", "32", "--batch-size", "4", "--num-workers", "0", "--no-progress", "--sample-every", "0",
@@ -448,6 +449,71 @@ def test_export_keys_are_the_public_sd1_layout():
     manifest = json.loads((HERE / "fixtures" / "manifests" / "sd15.json").read_text())
     keys = set(model.checkpoint_state_dict())  # what ldm.save_model writes
     assert keys == {k for k in manifest if not k.endswith("position_ids")}
+
+
+# --- SDXL ----------------------------------------------------------------------------------------------------------
+
+
+def test_sdxl_conditions_each_image_on_its_own_size_and_crop(tmp_path):
+    """SDXL's recipe: y = [pooled caption | embeddings of the image's original (h, w), its crop's corner, the
+    training size]. Uncached with --random-crop --flip the geometry is each load's own; cached with --flip the
+    mirror view carries the mirrored corner, so cached and uncached centre-crop runs give the same y."""
+    make_images(tmp_path / "d", 6)  # 40 high, 40 / 48 / 56 wide: resized to 32 x 32 / 38 / 45
+    base = ["--data", str(tmp_path / "d"), "--config", "tiny-sdxl", "--steps", "1"] + FAST
+    t = train.setup(*cli.parse_run_args(train.make_parser, base + ["--out", str(tmp_path / "a"), "--random-crop",
+                                                                    "--flip"]))
+    z0, noise, timesteps, cond, y = train.micro_batch(t, 1, 0)
+    assert cond.shape == (4, 77, 80) and y.shape == (4, 1576)
+    idx, epoch = t.run.sampler.global_batch(1)
+    rows = []
+    for i in idx[:4]:
+        rng = np.random.default_rng([0, epoch, int(i)])  # the draws ImageDataset makes for image i
+        rows.append([*data.load_image_sizes(t.run.items[int(i)][0], 32, rng, True, True)[1], 32, 32])
+    assert len({tuple(r[:2]) for r in rows}) > 1  # images of different original sizes in the batch
+    expected = ldm.unet_lib.adm_vector(torch.zeros(4, 40), torch.tensor(rows, dtype=torch.float32))
+    torch.testing.assert_close(y[:, 40:], expected[:, 40:], rtol=0, atol=1e-6)
+    kept = (train.randomness(t, 1, range(4))["drop"] >= 0.1).tolist()  # caption dropout: zeros, else the caption's
+    assert [bool(row.abs().max() > 0) for row in y[:, :40]] == kept and not all(kept)
+    ys = []
+    for extra in ([], ["--cache-latents"]):
+        out = str(tmp_path / f"b{len(extra)}")
+        t = train.setup(*cli.parse_run_args(train.make_parser, base + ["--out", out, "--flip"] + extra))
+        ys.append(train.micro_batch(t, 1, 0)[4])
+    torch.testing.assert_close(ys[0], ys[1], rtol=0, atol=1e-6)
+    # a caption-less (or dropped) caption is zeros in both context and pooled vector, as sampling's empty prompt
+    context, pooled = train.encode_text(t, ["", "a red square"])
+    assert context[0].abs().max() == 0 and pooled[0].abs().max() == 0 and pooled[1].abs().max() > 0
+
+
+def test_sdxl_fine_tune_exports_the_public_layout_and_samples(tmp_path):
+    """Fine-tune an SDXL-structured model (cached latents + text states + pooled vectors, flips, bf16, gradient
+    checkpointing) -> final.safetensors in the public SDXL keys -> ldm.load_model -> sample; diffusers' single-file
+    loader recognises it as an SDXL base."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    make_images(tmp_path / "d", 8)
+    base = randomize_(ldm.build_model(SDXL_NARROW["sdxl"]))  # real text-encoder depths: diffusers detects by them
+    ldm.save_model(base, tmp_path / "base.safetensors")
+    out = tmp_path / "out"
+    train.main(["--data", str(tmp_path / "d"), "--out", str(out), "--ckpt", str(tmp_path / "base.safetensors"),
+                "--steps", "3", "--cache-latents", "--flip", "--grad-checkpointing", "--precision", "bf16"] + FAST)
+    tuned = ldm.load_model(out / "final.safetensors", device="cpu")
+    assert ldm.is_sdxl(tuned) and tuned.text_encoder.cfg == base.text_encoder.cfg
+    before, after = base.unet.state_dict(), tuned.unet.state_dict()
+    assert not all(torch.equal(before[k], after[k]) for k in before)  # the U-Net trained
+    for name in ("text_encoder", "vae"):  # both frozen
+        assert all(torch.equal(getattr(base, name).state_dict()[k], v)
+                   for k, v in getattr(tuned, name).state_dict().items()), name
+    sd, _ = checkpoint.read_checkpoint(out / "final.safetensors")
+    assert set(sd) == set(base.checkpoint_state_dict())
+    assert {k.split(".")[0] for k in sd} == {"model", "first_stage_model", "conditioner"}
+    assert infer_diffusers_model_type(sd) == "xl_base"
+    images = ldm.sample(tuned, ["a red square"], steps=2, sampler="euler", seed=0, progress=False)
+    assert images[0].size == (64, 64) and np.asarray(images[0]).std() > 0
+    assert sample.main(["a red square", "--ckpt", str(out), "--steps", "2", "--sampler", "euler", "--out",
+                        str(tmp_path / "s")]) == 0
+    with pytest.raises(SystemExit, match="an SDXL run trains its U-Net only"):
+        train.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "x"), "--config", "tiny-sdxl",
+                    "--train-text-encoder", "--steps", "1"] + FAST)
 
 
 # --- distributed ---------------------------------------------------------------------------------------------------

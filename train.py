@@ -107,9 +107,9 @@ class Denoiser(nn.Module):
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder
 
-    def forward(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, y: torch.Tensor = None) -> torch.Tensor:
         context = self.text_encoder(cond) if self.text_encoder is not None else cond  # cond: tokens or context
-        return self.unet(z_t, t, context)
+        return self.unet(z_t, t, context, y)
 
 
 @dataclass
@@ -124,7 +124,8 @@ class Training:
     ema_updates: int = 0
     latent_cache: tuple = None  # posterior (mean, std) [N, views, C, h, w] of every training image
     cache_source: torch.Tensor = None  # the item each cached latent was encoded from
-    text_cache: torch.Tensor = None  # context of every distinct caption (frozen text encoder)
+    size_cache: torch.Tensor = None  # [N, views, 4]: each cached latent's data.load_image_sizes geometry
+    text_cache: tuple = None  # (context, SDXL's pooled vector or None) of every distinct caption (frozen encoder)
     caption_id: dict = None
     val_cache: tuple = None
 
@@ -142,6 +143,9 @@ def setup(args: argparse.Namespace, explicit: set[str] = frozenset()) -> Trainin
     if args.cache_latents and args.random_crop:
         raise UserError("--random-crop needs the images at every step; drop it or --cache-latents")
     model = build_model(args)
+    if ldm.is_sdxl(model) and args.train_text_encoder:
+        raise UserError("--train-text-encoder is for SD 1.x / 2.x models; an SDXL run trains its U-Net only (drop "
+                        "the flag)")
     kind = "tiny" if model.unet.cfg.model_channels < 320 else "sd"
     run.fill(dict(DEFAULTS[kind], lr=SCRATCH_SD_LR if kind == "sd" and not args.ckpt else DEFAULTS[kind]["lr"]))
     args.resolution = args.resolution or model.resolution
@@ -192,8 +196,24 @@ def encode_posterior(t: Training, x: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def encode_text(t: Training, captions: list[str]) -> torch.Tensor:
-    return t.model.text_encoder(t.model.tokenizer(captions).to(t.run.device)).float()
+def encode_text(t: Training, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(context [B, 77, D], SDXL's pooled text vector [B, P] or None), float32. On an SDXL base an empty caption
+    (none, or dropped for classifier-free guidance) is all zeros, as in its training and its sampling."""
+    model, tokens = t.model, t.model.tokenizer(captions).to(t.run.device)
+    if not ldm.is_sdxl(model):
+        return model.text_encoder(tokens).float(), None
+    context, pooled = model.text_encoder(tokens, pooled=True)
+    return ldm.zero_empty(model, captions, context.float(), pooled.float())
+
+
+def added_conditioning(t: Training, pooled: torch.Tensor | None, sizes: torch.Tensor) -> torch.Tensor | None:
+    """SDXL's y for a batch: its images' own original size and crop corner (sizes [B, 4], data.load_image_sizes),
+    the training resolution as the target size, and the default aesthetic score for a refiner. None otherwise."""
+    if pooled is None:
+        return None
+    r = t.args.resolution
+    return ldm.added_conditioning(t.model, pooled, sizes[:, :2], sizes[:, 2:], torch.tensor([[r, r]] * len(sizes)),
+                                  torch.full((len(sizes),), ldm.Sizes.aesthetic_score))
 
 
 def build_caches(t: Training):
@@ -205,17 +225,22 @@ def build_caches(t: Training):
                                          sampler=[(i, 0) for i in range(len(run.items))], batch_size=args.batch_size,
                                          collate_fn=data.collate, num_workers=args.num_workers,
                                          worker_init_fn=data.worker_init)
-    means, stds, sources = [], [], []
-    for src, x in tqdm(loader, disable=run.quiet, desc="caching latents", leave=False):
+    means, stds, sources, sizes = [], [], [], []
+    for src, x, geometry in tqdm(loader, disable=run.quiet, desc="caching latents", leave=False):
         sources.append(src)  # the image actually encoded (a file unreadable now is replaced by the next one)
         moments = [encode_posterior(t, v) for v in ([x, x.flip(-1)] if args.flip else [x])]
         means.append(torch.stack([m for m, _ in moments], 1).cpu())  # (B, views, C, h, w)
         stds.append(torch.stack([s for _, s in moments], 1).cpu())
+        views = [geometry, data.mirrored(geometry, args.resolution)] if args.flip else [geometry]
+        sizes.append(torch.stack(views, 1))  # (B, views, 4)
     t.latent_cache, t.cache_source = (torch.cat(means), torch.cat(stds)), torch.cat(sources)
+    t.size_cache = torch.cat(sizes)
     if not args.train_text_encoder:
         captions = list(dict.fromkeys([""] + [c for _, c in run.items]))
         t.caption_id = {c: i for i, c in enumerate(captions)}
-        t.text_cache = torch.cat([encode_text(t, captions[i:i + 256]).cpu() for i in range(0, len(captions), 256)])
+        parts = [encode_text(t, captions[i:i + 256]) for i in range(0, len(captions), 256)]
+        t.text_cache = tuple(None if parts[0][k] is None else torch.cat([p[k] for p in parts]).cpu()
+                             for k in range(2))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -236,8 +261,9 @@ def randomness(t: Training, step: int, positions: range) -> dict[str, torch.Tens
     return {k: torch.cat([d[k] for d in draws]) for k in draws[0]}
 
 
-def micro_batch(t: Training, step: int, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(z0 scaled, noise, t, cond: context or tokens) of micro-batch m of `step` on this rank."""
+def micro_batch(t: Training, step: int, m: int) -> tuple[torch.Tensor, ...]:
+    """(z0 scaled, noise, t, cond: context or tokens, y: SDXL's conditioning vector or None) of micro-batch m of
+    `step` on this rank."""
     run, args, dev = t.run, t.args, t.run.device
     sl = run.sampler.micro_slice(m, run.rank)
     rnd = randomness(t, step, range(sl.start, sl.stop))
@@ -248,32 +274,35 @@ def micro_batch(t: Training, step: int, m: int) -> tuple[torch.Tensor, torch.Ten
                  if args.flip else 0 for i in idx]  # the draw load_image makes for its flip
         view = torch.tensor(flips)
         mean, std = t.latent_cache[0][idx, view].to(dev), t.latent_cache[1][idx, view].to(dev)
+        sizes = t.size_cache[idx, view]
         idx = t.cache_source[idx]
     else:
-        idx, x = run.next_batch(step)
+        idx, x, sizes = run.next_batch(step)
         mean, std = encode_posterior(t, x)
     z0 = (mean + std * rnd["posterior"].to(dev)) * t.model.scale_factor
     noise = (rnd["noise"] + args.noise_offset * rnd["offset"]).to(dev)
     keep = (rnd["drop"] >= args.uncond_prob).tolist()
     captions = [run.items[int(i)][1] if k else "" for i, k in zip(idx, keep)]
+    pooled = None
     if args.train_text_encoder:
         cond = t.model.tokenizer(captions).to(dev)
     elif t.text_cache is not None:
-        cond = t.text_cache[torch.tensor([t.caption_id[c] for c in captions])].to(dev)
+        rows = torch.tensor([t.caption_id[c] for c in captions])
+        cond, pooled = (None if c is None else c[rows].to(dev) for c in t.text_cache)
     else:
-        cond = encode_text(t, captions)
-    return z0, noise, rnd["t"].to(dev), cond
+        cond, pooled = encode_text(t, captions)
+    return z0, noise, rnd["t"].to(dev), cond, added_conditioning(t, pooled, sizes)
 
 
 def forward_backward(t: Training, step: int) -> torch.Tensor:
     """Gradients of step `step` accumulated into .grad (synced over ranks); returns the global-batch loss."""
     run, accum, losses = t.run, t.args.grad_accum, []
     for m in range(accum):
-        z0, noise, timesteps, cond = micro_batch(t, step, m)
+        z0, noise, timesteps, cond, y = micro_batch(t, step, m)
         no_sync = run.world > 1 and m < accum - 1  # DDP: all-reduce the gradients once, after the last micro-batch
         with t.denoiser.no_sync() if no_sync else nullcontext():
             with run.autocast():
-                loss = ldm.diffusion_loss(t.model, t.denoiser, z0, noise, timesteps, cond, t.args.snr_gamma)
+                loss = ldm.diffusion_loss(t.model, t.denoiser, z0, noise, timesteps, cond, t.args.snr_gamma, y)
             run.backward(loss / accum)
         losses.append(loss.detach().float())
     return run.mean_over_ranks(losses)
@@ -338,7 +367,7 @@ def validate(t: Training) -> dict | None:
     """Mean loss over the held-out images at fixed timesteps (spread over 0..999) and fixed noise."""
     run, model, bs = t.run, t.model, t.args.batch_size
     if t.val_cache is None and run.val_items:
-        x, captions = data.load_images(run.val_items, t.args.resolution)
+        x, captions, sizes = data.load_images(run.val_items, t.args.resolution)
         if x is None:
             run.val_items = []
         else:
@@ -346,17 +375,18 @@ def validate(t: Training) -> dict | None:
             g = runs.step_generator(t.args.seed, 0)  # training steps count from 1: step 0's stream is free
             timesteps = torch.linspace(0, len(model.alphas_cumprod) - 1, len(x)).round().long()
             noise = torch.randn(z0.shape, generator=g).to(run.device)
-            t.val_cache = z0 * model.scale_factor, noise, timesteps, captions
+            t.val_cache = z0 * model.scale_factor, noise, timesteps, captions, torch.tensor(sizes)
     if not run.val_items:
         return None
-    z0, noise, timesteps, captions = t.val_cache
+    z0, noise, timesteps, captions, sizes = t.val_cache
     model.eval()
     total = 0.0
     for i in range(0, len(z0), bs):
-        ctx = encode_text(t, captions[i:i + bs])
+        ctx, pooled = encode_text(t, captions[i:i + bs])
         with run.autocast():
             loss = ldm.diffusion_loss(model, model.unet, z0[i:i + bs], noise[i:i + bs],
-                                      timesteps[i:i + bs].to(run.device), ctx)
+                                      timesteps[i:i + bs].to(run.device), ctx, y=added_conditioning(
+                                          t, pooled, sizes[i:i + bs]))
         total += loss.item() * len(ctx)
     model.unet.train()
     model.text_encoder.train(t.args.train_text_encoder)

@@ -257,7 +257,7 @@ def export(t: Training, path):
                                          sampler=[(i, 0) for i in range(n)], batch_size=t.args.batch_size,
                                          collate_fn=data.collate, num_workers=t.args.num_workers,
                                          worker_init_fn=data.worker_init)
-    t.model.scale_factor = vae_lib.estimate_scale_factor(t.model, (x for _, x in loader), max_images=n)
+    t.model.scale_factor = vae_lib.estimate_scale_factor(t.model, (x for _, x, _ in loader), max_images=n)
     run.print(f"scale factor 1/std = {t.model.scale_factor:.4f} (over {n} training images)")
     checkpoint.save_safetensors(path, {k: v.detach() for k, v in t.model.state_dict().items()},
                                 {"scale_factor": repr(t.model.scale_factor),
