@@ -35,7 +35,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help=f"run only these benchmarks, of: {', '.join(NAMES)} (default: all)")
     p.add_argument("--compile", action="store_true", help="add torch.compile rows (CUDA; minutes of compile time)")
     p.add_argument("--workdir", default=os.environ.get("LDM_BENCH_DIR", "/tmp/ldm-bench"),
-                   help="where the random full-size checkpoints are written (6 GB)")
+                   help="where the random full-size checkpoints are written (up to 14 GB)")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
     p.add_argument("--ckpt", help="a trained model for the samplers benchmark, e.g. runs/emoji-ldm (the samplers row "
                                   "runs only with it)")
@@ -170,13 +170,14 @@ def fmt(v) -> str:
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}" if abs(v) < 10 else f"{v:.1f}"
 
 
-def make_random_checkpoint(path: Path, dtype: torch.dtype = torch.float32):
-    """A single-file SD 1.5 checkpoint with random values, in the public key layout (ldm.save_model's keys, which
-    are the released file's; written once, then reused)."""
+def make_random_checkpoint(path: Path, dtype: torch.dtype = torch.float32, preset: str = "sd1"):
+    """A single-file checkpoint of an ldm.PRESETS model (SD 1.5 by default; "sdxl" for the SDXL base) with random
+    values, in the public key layout (ldm.save_model's keys, which are the released file's; written once, then
+    reused)."""
     if path.exists():
         return
     with torch.device("meta"):
-        layout = ldm.build_model("sd1").checkpoint_state_dict()  # meta tensors, plus the real schedule buffers
+        layout = ldm.build_model(preset).checkpoint_state_dict()  # meta tensors, plus SD's real schedule buffers
     g = torch.Generator().manual_seed(0)
     tensors = {}
     for key, ref in layout.items():
@@ -406,29 +407,34 @@ def diffusers_twin(model: ldm.LatentDiffusion):
 
 
 def bench_load(args, S: Settings, table: Table):
-    """A fresh process per load, so its peak RSS is the load's alone; safetensors' own load_file as the reference."""
-    path = Path(args.workdir) / "sd15-random-float32.safetensors"
-    make_random_checkpoint(path, dtype=torch.float32)
-    size = path.stat().st_size / 2 ** 20
-    # time to usable weights: both return memory-mapped tensors, so every weight is read once inside the timing
-    ours = ("t = time.time(); m = ldm.load_model(P, device='cpu', dtype=torch.float32, prediction_type='eps')\n"
-            "n = sum(float(p.sum()) for p in m.parameters()); s = time.time() - t\n")
-    theirs = ("from safetensors.torch import load_file\n"
-              "t = time.time(); m = load_file(P); n = sum(float(v.float().sum()) for v in m.values())\n"
-              "s = time.time() - t\n")
-    results = []
-    for code in (ours, theirs):
-        if "safetensors.torch" in code and importlib.util.find_spec("safetensors") is None:
-            results.append((None, None))
-            continue
-        code = f"import time, torch, ldm, bench\nP = {str(path)!r}\n" + code + "print(s, bench.rss_mib()[1])\n"
-        subprocess.run(["sync"], check=False)
-        out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
-        results.append(tuple(map(float, out.stdout.split()[-2:])))
-    (ours_s, ours_peak), (st_s, st_peak) = results
-    print(f"  file {size:,.0f} MiB (fp32 SD 1.5); diffusers column: safetensors.torch.load_file of the same file")
-    table.add("load 4 GB fp32 file to CPU and read every weight: time", ours_s, st_s, "s")
-    table.add("load: peak RSS / file size", ours_peak / size, st_peak / size if st_peak else None, "x")
+    """A fresh process per load, so its peak RSS is the load's alone; safetensors' own load_file as the reference.
+    SD 1.5 in float32, and the SDXL base in float16 (as released; its VAE is kept in float32, ldm.load_model's
+    guard against the SDXL VAE's float16 overflow)."""
+    for preset, dtype, what in (("sd1", torch.float32, "4 GB fp32 SD 1.5"), ("sdxl", torch.float16,
+                                                                            "7 GB fp16 SDXL base")):
+        name = {"sd1": "sd15", "sdxl": "sdxl-base"}[preset]
+        path = Path(args.workdir) / f"{name}-random-{str(dtype)[6:]}.safetensors"
+        make_random_checkpoint(path, dtype=dtype, preset=preset)
+        size = path.stat().st_size / 2 ** 20
+        # time to usable weights: both return memory-mapped tensors, so every weight is read once inside the timing
+        ours = (f"t = time.time(); m = ldm.load_model(P, device='cpu', dtype=torch.{str(dtype)[6:]})\n"
+                "n = sum(float(p.sum()) for p in m.parameters()); s = time.time() - t\n")
+        theirs = ("from safetensors.torch import load_file\n"
+                  "t = time.time(); m = load_file(P); n = sum(float(v.float().sum()) for v in m.values())\n"
+                  "s = time.time() - t\n")
+        results = []
+        for code in (ours, theirs):
+            if "safetensors.torch" in code and importlib.util.find_spec("safetensors") is None:
+                results.append((None, None))
+                continue
+            code = f"import time, torch, ldm, bench\nP = {str(path)!r}\n" + code + "print(s, bench.rss_mib()[1])\n"
+            subprocess.run(["sync"], check=False)
+            out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
+            results.append(tuple(map(float, out.stdout.split()[-2:])))
+        (ours_s, ours_peak), (st_s, st_peak) = results
+        print(f"  file {size:,.0f} MiB ({what}); diffusers column: safetensors.torch.load_file of the same file")
+        table.add(f"load {what} file to CPU and read every weight: time", ours_s, st_s, "s")
+        table.add(f"load {what}: peak RSS / file size", ours_peak / size, st_peak / size if st_peak else None, "x")
 
 
 def build_model(args, S: Settings, device: torch.device, config: str) -> ldm.LatentDiffusion:

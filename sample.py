@@ -30,10 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative", metavar="TEXT", help="negative prompt: what to steer away from")
     p.add_argument("--prompts-file", type=Path, metavar="FILE", help="UTF-8 text file, one prompt per line (blank "
                    "lines skipped); the model is loaded once")
-    p.add_argument("--ckpt", type=Path, metavar="PATH", help="SD 1.x/2.x .safetensors/.ckpt, diffusers folder, or "
-                   "a train.py run: its folder or a ckpt-<step>.pt (default: SD 1.5 fp16, downloaded on first use)")
+    p.add_argument("--ckpt", type=Path, metavar="PATH", help="SD 1.x/2.x or SDXL .safetensors/.ckpt, diffusers "
+                   "folder, or a train.py run: its folder or a ckpt-<step>.pt (default: SD 1.5 fp16, downloaded on "
+                   "first use)")
     p.add_argument("--vae", type=Path, metavar="PATH", help="standalone VAE to use instead of the checkpoint's "
-                   "(e.g. vae-ft-mse)")
+                   "(e.g. vae-ft-mse; sdxl-vae-fp16-fix runs in fp16, where SDXL's own VAE is kept in fp32/bf16)")
     p.add_argument("--embeddings", type=Path, metavar="DIR", help="textual-inversion embeddings (A1111 .pt or "
                    ".safetensors files, or a folder of them): a prompt word equal to a file's name becomes its vectors")
     p.add_argument("--prediction", choices=["eps", "v"], help="U-Net prediction type (default: from the file; "

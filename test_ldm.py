@@ -313,6 +313,18 @@ def test_save_model_half_precision_round_trips(tmp_path):
             assert sd[k].dtype == dtype and torch.equal(sd[k], v.half().to(dtype)), k
 
 
+def test_sdxl_vae_stays_out_of_float16(tmp_path):
+    """SDXL's VAE overflows in float16 (black or NaN images): a float16 SDXL load keeps it in float32 (bfloat16 on a
+    CUDA device that has it), the rest in float16. SD 1.x keeps its VAE in the model's dtype (test above)."""
+    path = tmp_path / "xl.safetensors"
+    ldm.save_model(ldm.build_model("tiny-sdxl"), path, dtype=torch.float16)
+    loaded = ldm.load_model(path, device="cpu", dtype=torch.float16)
+    assert loaded.dtype == torch.float16 and loaded.text_encoder.clip_g.ln_final.weight.dtype == torch.float16
+    assert {p.dtype for p in loaded.vae.parameters()} == {torch.float32}
+    images = ldm.sample(loaded, ["a cat"], steps=2, sampler="euler", seed=0, output_type="tensor", progress=False)
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+
+
 def test_lightning_ckpt_round_trip(tmp_path):
     model = tiny_model("v")
     path = tmp_path / "tiny.ckpt"
