@@ -275,7 +275,8 @@ def generate(model: ldm.LatentDiffusion, jobs: list[Job], init: torch.Tensor = N
     """The images of jobs that share every setting but prompt, negative prompt and seed."""
     job = jobs[0]
     sizes = ldm.Sizes(original_size=_height_width(job.original_size), target_size=_height_width(job.target_size),
-                      crop=tuple(job.crop or (0, 0)), aesthetic_score=job.aesthetic_score or 6.0)
+                      crop=tuple(job.crop or (0, 0)),
+                      aesthetic_score=ldm.Sizes.aesthetic_score if job.aesthetic_score is None else job.aesthetic_score)
     try:
         return ldm.sample(model, [j.prompt for j in jobs], negative_prompts=[j.negative for j in jobs],
                           seed=[j.seed for j in jobs], steps=job.steps, guidance_scale=job.cfg, eta=job.eta,

@@ -168,6 +168,46 @@ def test_embeddings_are_used_recorded_and_needed_for_replay(tmp_path, ckpt, caps
     assert rc == 0 and res.startswith("match")
 
 
+@pytest.fixture(scope="module")
+def sdxl_ckpts(tmp_path_factory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("xl")
+    for name, seed in (("tiny-sdxl", 3), ("tiny-sdxl-refiner", 4)):
+        ldm.save_model(randomize_(ldm.build_model(name), seed), folder / f"{name}.safetensors")
+    return folder / "tiny-sdxl.safetensors", folder / "tiny-sdxl-refiner.safetensors"
+
+
+def test_sdxl_refiner_and_size_conditioning_are_used_recorded_and_replayed(tmp_path, sdxl_ckpts, capsys):
+    base, refiner = sdxl_ckpts
+    flags = ["--sampler", "euler", "--steps", 4, "--seed", 5, "--original-size", 96, 64, "--crop", 8, 0]
+    rc, out, _ = run_main(capsys, "a red apple", "--ckpt", base, "--refiner", refiner, "--refiner-switch", 0.7,
+                          "--aesthetic-score", 6.5, *flags, "--out", tmp_path)
+    assert rc == 0
+    text = parameters(out.strip())
+    digest = hashlib.sha256(refiner.read_bytes()).hexdigest()[:10]
+    assert "Original size: 96x64, Target size: 64x64, Crop top-left: 8x0, Aesthetic score: 6.5" in text
+    assert f"Refiner: tiny-sdxl-refiner [{digest}], Refiner switch at: 0.7" in text
+    models = [ldm.load_model(p, device="cpu") for p in (base, refiner)]
+    expected = ldm.sample(models[0], ["a red apple"], steps=4, sampler="euler", seed=5, refiner=models[1],
+                          refiner_switch=0.7, sizes=ldm.Sizes(original_size=(64, 96), crop=(8, 0),
+                                                              aesthetic_score=6.5), progress=False)[0]
+    assert np.array_equal(np.asarray(Image.open(out.strip())), np.asarray(expected))
+    rc, replayed, _ = run_main(capsys, "--replay", out.strip(), "--ckpt", base, "--refiner", refiner)
+    assert rc == 0 and replayed.startswith("match: identical pixels")
+    rc, _, err = run_main(capsys, "--replay", out.strip(), "--ckpt", base)
+    assert rc == 2 and "pass it as --refiner" in error_line(err)
+    # without a refiner the base runs the whole schedule, on the size conditioning given
+    rc, out, _ = run_main(capsys, "a red apple", "--ckpt", base, *flags, "--out", tmp_path)
+    assert rc == 0 and "Refiner" not in parameters(out.strip()) and "Crop top-left: 8x0" in parameters(out.strip())
+
+
+def test_sdxl_flags_on_the_wrong_models_are_one_line_errors(tmp_path, ckpt, sdxl_ckpts, capsys):
+    base, refiner = sdxl_ckpts
+    for model, other, expect in ((ckpt, refiner, "--refiner goes with an SDXL base"),
+                                 (base, base, "not an SDXL refiner")):
+        rc, _, err = run_main(capsys, "x", "--ckpt", model, "--refiner", other, *FAST, "--out", tmp_path)
+        assert rc == 2 and expect in error_line(err)
+
+
 def test_n_images_use_consecutive_seeds_and_write_a_grid(tmp_path, ckpt, capsys):
     rc, out, _ = run_main(capsys, "a", "--ckpt", ckpt, "--seed", 10, "--n", 2, "--batch-size", 2, *FAST,
                           "--out", tmp_path)
