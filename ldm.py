@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import checkpoint
 import clip
+import lora as lora_lib
 import unet as unet_lib
 import vae as vae_lib
 from checkpoint import CheckpointError
@@ -195,6 +196,21 @@ class LatentDiffusion(nn.Module):
         clip.ti_hashes(model.embeddings_used([negative, prompt])) is A1111's "TI hashes" value."""
         chunker = self.prompt_chunker()
         return list({id(e): e for p in prompts for e in chunker(p).embeddings}.values())
+
+    def apply_lora(self, source, multiplier: float = 1.0, name: str = None) -> lora_lib.Applied:
+        """Merge a LoRA (kohya or diffusers / PEFT .safetensors, or its state dict) into the weights at `multiplier`
+        (lora.apply: strict, one-line errors for modules or shapes that do not fit). Several stack; remove_loras
+        undoes them all exactly."""
+        return lora_lib.apply(self, source, multiplier, name)
+
+    def remove_loras(self):
+        """Every weight a LoRA changed back to its value before the first apply_lora, bit for bit."""
+        lora_lib.remove(self)
+
+    @property
+    def loras(self) -> list[lora_lib.Applied]:
+        """The LoRAs merged into the weights, in order."""
+        return self.__dict__.get("_loras", [])
 
     def encode_images(self, x: torch.Tensor, sample: bool = False, generator: torch.Generator = None):
         """Images in [-1, 1] [B, 3, H, W] -> scaled latents [B, C, H/f, W/f]. The posterior mean by default
@@ -988,6 +1004,15 @@ def model_from_training_checkpoint(state: dict, path: Path, prediction_type: str
                                    weights: str = "ema") -> tuple[LatentDiffusion, dict]:
     """A train.py ckpt-<step>.pt: its U-Net (the EMA weights by default), and the parts it did not train from where
     the run took them: the checkpoint itself (from-scratch runs), its --vae file, or its --ckpt base model."""
+    if "lora" in state:  # a LoRA run: its base model with the LoRA merged in (EMA weights by default)
+        args = state["args"] if isinstance(state.get("args"), dict) else {}
+        if not args.get("ckpt") or not Path(args["ckpt"]).exists():
+            raise CheckpointError(f"{path}: a LoRA of the base model {args.get('ckpt')}, which is not there; run from "
+                                  "where training ran, or apply its lora.safetensors to the base model")
+        model = load_model(args["ckpt"], device="cpu", dtype=torch.float32, prediction_type=prediction_type)
+        weights = dict(state["lora"], **(state.get("ema", {}) if weights == "ema" else {}))
+        model.apply_lora(weights, name=path.parent.name)
+        return model, model.config
     if "unet" not in state:
         raise CheckpointError(f"{path}: a train_vae.py checkpoint (an autoencoder); pass it as --vae, or load it with "
                               "vae.load_autoencoder")

@@ -7,6 +7,7 @@ with target = eps, or v = sqrt(a_t) eps - sqrt(1 - a_t) z0 for v-prediction mode
     python train.py --out runs/cats --resume          # after a crash or Ctrl-C
     torchrun --nproc_per_node 8 train.py --data my_images/ --ckpt ... --out runs/big
     python train.py --data my_images/ --vae runs/vae/final.safetensors --config tiny --out runs/ldm
+    python train.py --data my_images/ --ckpt v1-5-pruned-emaonly.safetensors --lora-rank 16 --out runs/lora
 
 The autoencoder (the first stage, whose latents the U-Net learns) trains with train_vae.py. Resume, determinism,
 DDP and signals: see runs.py.
@@ -54,6 +55,13 @@ def make_parser() -> argparse.ArgumentParser:
     a("--sample-steps", type=int, default=25, help="DDIM steps of the sample grid")
     a("--sample-cfg", type=float, default=5.0, help="guidance scale of the sample grid")
     a("--export-weights", choices=["ema", "raw"], default="ema", help="U-Net weights in final.safetensors")
+    a("--lora-rank", type=int, help="train a LoRA of this rank on the frozen --ckpt model instead of the whole U-Net; "
+      "written to OUT/lora.safetensors (kohya format)")
+    a("--lora-alpha", type=float, help="LoRA alpha: updates are scaled by alpha / rank (default: the rank)")
+    a("--lora-targets", choices=["attn", "attn+ff", "all"], default="attn+ff", help="U-Net modules the LoRA covers: "
+      "attention projections; + the rest of each transformer (proj_in/out, feed-forward); + every ResBlock and "
+      "sampler convolution (LoCon)")
+    a("--lora-text-encoder", action="store_true", help="a LoRA on the SD 1.x text encoder too")
     return p
 
 
@@ -61,6 +69,7 @@ if __name__ == "__main__":
     parse_run_args(make_parser)  # --help and usage errors answer at once, before torch's seconds-long import
 
 import json
+import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 
@@ -72,6 +81,7 @@ from tqdm import tqdm
 
 import data
 import ldm
+import lora as lora_lib
 import runs
 import unet as unet_lib
 import vae as vae_lib
@@ -101,11 +111,12 @@ def build_model(args) -> ldm.LatentDiffusion:
 
 
 class Denoiser(nn.Module):
-    """What DDP wraps: the U-Net, plus the text encoder when it is trained (so its gradients are synced too)."""
+    """What DDP wraps: the U-Net, plus the text encoder when it is trained and a LoRA network (its modules run from
+    hooks on the U-Net and text encoder; held here so that DDP syncs their gradients too)."""
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module = None):
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module = None, network: nn.Module = None):
         super().__init__()
-        self.unet, self.text_encoder = unet, text_encoder
+        self.unet, self.text_encoder, self.network = unet, text_encoder, network
 
     def forward(self, z_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, y: torch.Tensor = None) -> torch.Tensor:
         context = self.text_encoder(cond) if self.text_encoder is not None else cond  # cond: tokens or context
@@ -119,7 +130,9 @@ class Training:
     model: ldm.LatentDiffusion
     denoiser: nn.Module  # Denoiser, DDP-wrapped on several ranks
     optimizer: torch.optim.Optimizer
-    ema: list[torch.Tensor] | None  # EMA of the U-Net's parameters, in their order
+    trained: list[nn.Parameter]  # the U-Net's parameters, or the LoRA network's
+    network: lora_lib.LoRANetwork | None
+    ema: list[torch.Tensor] | None  # EMA of `trained`, in their order
     prompts: list[str]  # of the sample grid
     ema_updates: int = 0
     latent_cache: tuple = None  # posterior (mean, std) [N, views, C, h, w] of every training image
@@ -136,7 +149,7 @@ class Training:
 
 def setup(args: argparse.Namespace, explicit: set[str] = frozenset()) -> Training:
     run = runs.Run(args, explicit)
-    if run.state is not None and "unet" not in run.state:
+    if run.state is not None and "unet" not in run.state and "lora" not in run.state:
         raise UserError(f"{run.out} holds an autoencoder run; continue it with train_vae.py --out {run.out} "
                          "--resume")
     args = run.args
@@ -146,8 +159,12 @@ def setup(args: argparse.Namespace, explicit: set[str] = frozenset()) -> Trainin
     if ldm.is_sdxl(model) and args.train_text_encoder:
         raise UserError("--train-text-encoder is for SD 1.x / 2.x models; an SDXL run trains its U-Net only (drop "
                         "the flag)")
+    check_lora_args(args, model)
     kind = "tiny" if model.unet.cfg.model_channels < 320 else "sd"
-    run.fill(dict(DEFAULTS[kind], lr=SCRATCH_SD_LR if kind == "sd" and not args.ckpt else DEFAULTS[kind]["lr"]))
+    defaults = dict(DEFAULTS[kind], lr=SCRATCH_SD_LR if kind == "sd" and not args.ckpt else DEFAULTS[kind]["lr"])
+    if args.lora_rank:  # LoRA's usual settings: a larger rate, no EMA (sd-scripts' defaults)
+        defaults.update(lr=1e-4 if kind == "sd" else defaults["lr"], ema_decay=0.0)
+    run.fill(defaults)
     args.resolution = args.resolution or model.resolution
     run.begin(model.downsample_factor)
     if not args.ckpt and not args.vae:
@@ -159,29 +176,61 @@ def setup(args: argparse.Namespace, explicit: set[str] = frozenset()) -> Trainin
     model.to(run.device)
     model.vae.eval().requires_grad_(False)
     model.text_encoder.train(args.train_text_encoder).requires_grad_(args.train_text_encoder)
-    model.unet.train().requires_grad_(True)
+    model.unet.train().requires_grad_(not args.lora_rank)
     model.unet.cfg = replace(model.unet.cfg, use_checkpoint=args.grad_checkpointing)
+    network = None
+    if args.lora_rank:
+        network = lora_lib.LoRANetwork(model, args.lora_rank, args.lora_alpha, args.lora_targets,
+                                       args.lora_text_encoder).train()
+        if run.device.type == "cuda" and run.amp_dtype is not None:  # the frozen base in half precision: autocast
+            model.unet.to(run.amp_dtype)  # computes in it anyway, and the weights take half the memory
+            model.text_encoder.to(run.amp_dtype)
     if args.channels_last:
         model.unet.to(memory_format=torch.channels_last)
     if args.compile:
         model.unet.compile()  # in place: parameter names and the state dict stay the same
-    denoiser = Denoiser(model.unet, model.text_encoder if args.train_text_encoder else None)
+    denoiser = Denoiser(model.unet, model.text_encoder if text_trains(args) else None, network)
     if run.world > 1:
         denoiser = nn.parallel.DistributedDataParallel(
             denoiser, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    trained = list(network.parameters() if network is not None else model.unet.parameters())
     optimizer = torch.optim.AdamW([p for p in denoiser.parameters() if p.requires_grad], lr=args.lr,
                                   weight_decay=args.weight_decay, fused=run.device.type == "cuda")
     prompts = args.sample_prompts or list(dict.fromkeys(
         run.items[i * len(run.items) // 4][1] for i in range(min(4, len(run.items)))))
-    t = Training(run, model, denoiser, optimizer, [p.detach().clone() for p in model.unet.parameters()]
-                 if args.ema_decay else None, prompts)
+    t = Training(run, model, denoiser, optimizer, trained, network,
+                 [p.detach().clone() for p in trained] if args.ema_decay else None, prompts)
     if args.cache_latents:
         build_caches(t)
-    run.announce(f"{sum(p.numel() for p in model.unet.parameters()) / 1e6:.1f}M U-Net parameters, prediction "
-                 f"{model.prediction_type}")
+    what = f"{sum(p.numel() for p in trained) / 1e6:.2f}M LoRA parameters (rank {args.lora_rank}, " \
+           f"{len(network.loras)} modules)" if network is not None else \
+           f"{sum(p.numel() for p in trained) / 1e6:.1f}M U-Net parameters"
+    run.announce(f"{what}, prediction {model.prediction_type}")
     if run.state is not None:
         load_state(t, run.state)
     return t
+
+
+def text_trains(args) -> bool:
+    """Whether captions go through a trained text encoder (or its LoRA) at every step, so none is cached."""
+    return args.train_text_encoder or args.lora_text_encoder
+
+
+def check_lora_args(args, model: ldm.LatentDiffusion):
+    """--lora-* flags: a LoRA adapts a given model (--ckpt); its text-encoder part is for SD 1.x's CLIP."""
+    lora_flags = [f for f in ("lora_alpha", "lora_text_encoder") if getattr(args, f)]
+    if not args.lora_rank:
+        if lora_flags:
+            raise UserError(f"--{lora_flags[0].replace('_', '-')} goes with --lora-rank R")
+        return
+    if args.lora_rank < 1:
+        raise UserError(f"--lora-rank must be at least 1, got {args.lora_rank}")
+    if not args.ckpt:
+        raise UserError("--lora-rank trains a LoRA on a model: pass the model with --ckpt")
+    if args.train_text_encoder:
+        raise UserError("--train-text-encoder trains the whole text encoder; with --lora-rank use --lora-text-encoder")
+    if args.lora_text_encoder and model.text_encoder.cfg.layout != "clip":
+        raise UserError("--lora-text-encoder is for SD 1.x models (their CLIP ViT-L text encoder); drop it")
 
 
 @torch.no_grad()
@@ -235,7 +284,7 @@ def build_caches(t: Training):
         sizes.append(torch.stack(views, 1))  # (B, views, 4)
     t.latent_cache, t.cache_source = (torch.cat(means), torch.cat(stds)), torch.cat(sources)
     t.size_cache = torch.cat(sizes)
-    if not args.train_text_encoder:
+    if not text_trains(args):
         captions = list(dict.fromkeys([""] + [c for _, c in run.items]))
         t.caption_id = {c: i for i, c in enumerate(captions)}
         parts = [encode_text(t, captions[i:i + 256]) for i in range(0, len(captions), 256)]
@@ -284,7 +333,7 @@ def micro_batch(t: Training, step: int, m: int) -> tuple[torch.Tensor, ...]:
     keep = (rnd["drop"] >= args.uncond_prob).tolist()
     captions = [run.items[int(i)][1] if k else "" for i, k in zip(idx, keep)]
     pooled = None
-    if args.train_text_encoder:
+    if text_trains(args):
         cond = t.model.tokenizer(captions).to(dev)
     elif t.text_cache is not None:
         rows = torch.tensor([t.caption_id[c] for c in captions])
@@ -311,7 +360,7 @@ def forward_backward(t: Training, step: int) -> torch.Tensor:
 def update_ema(t: Training):
     n = t.ema_updates
     decay = min(t.args.ema_decay, (1 + n) / (10 + n))  # warm-up: early weights are averaged less
-    torch._foreach_lerp_(t.ema, [p.detach() for p in t.model.unet.parameters()], 1 - decay)
+    torch._foreach_lerp_(t.ema, [p.detach() for p in t.trained], 1 - decay)
     t.ema_updates += 1
 
 
@@ -320,11 +369,16 @@ def update_ema(t: Training):
 
 
 def checkpoint_state(t: Training, step: int) -> dict:
+    """What a ckpt-<step>.pt holds: the trained weights (the U-Net, or a LoRA in the kohya names its export uses,
+    then with the base model from --ckpt) and their EMA, the optimizer and the run's position."""
     model, args = t.model, t.args
-    state = dict(t.run.state_dict(step, t.optimizer), unet=model.unet.state_dict(), ema_updates=t.ema_updates,
+    state = dict(t.run.state_dict(step, t.optimizer), ema_updates=t.ema_updates,
                  model_config=json.dumps(model.model_config()))
-    if t.ema is not None:
-        state["ema"] = dict(zip(model.unet.state_dict().keys(), t.ema))
+    trained = t.network.kohya_state_dict() if t.network is not None else model.unet.state_dict()
+    state["lora" if t.network is not None else "unet"] = trained
+    if t.ema is not None:  # the trained tensors' names, in `t.trained` order (a LoRA's alphas are buffers)
+        names = [k for k in trained if not k.endswith(".alpha")]
+        state["ema"] = dict(zip(names, t.ema))
     # parts with no file to reload them from (trained, or random from-scratch weights) travel in the checkpoint
     if args.train_text_encoder or not args.ckpt:
         state["text_encoder"] = model.text_encoder.state_dict()
@@ -334,7 +388,14 @@ def checkpoint_state(t: Training, step: int) -> dict:
 
 
 def load_state(t: Training, state: dict):
-    t.model.unet.load_state_dict(state["unet"])
+    if t.network is not None:
+        if "lora" not in state:
+            raise UserError(f"{t.run.out} holds a full U-Net run; resume it without --lora-rank")
+        t.network.load_kohya_state_dict(state["lora"])
+    else:
+        if "unet" not in state:
+            raise UserError(f"{t.run.out} holds a LoRA run; resume it with its --lora-rank")
+        t.model.unet.load_state_dict(state["unet"])
     for name in ("text_encoder", "vae"):
         if name in state:
             getattr(t.model, name).load_state_dict(state[name])
@@ -345,10 +406,23 @@ def load_state(t: Training, state: dict):
     t.run.restore(t.optimizer)
 
 
+def export(t: Training, path):
+    """final.safetensors (the whole model in the public single-file layout), or a LoRA run's lora.safetensors in the
+    kohya format with sd-scripts' metadata (A1111 and ComfyUI list and load it)."""
+    if t.network is None:
+        return ldm.save_model(t.model, path)
+    args = t.args
+    lora_lib.save(t.network, t.model, path, {
+        "ss_sd_model_name": str(args.ckpt and os.path.basename(str(args.ckpt))), "ss_resolution": str(
+            (args.resolution, args.resolution)), "ss_steps": str(t.run.total), "ss_learning_rate": str(args.lr),
+        "ss_num_train_images": str(len(t.run.items)), "ss_output_name": os.path.basename(str(t.run.out)),
+        "ss_training_comment": f"train.py; base model {args.ckpt}"})
+
+
 @contextmanager
 def ema_weights(t: Training, use: bool = True):
-    """Temporarily swap the EMA weights into the U-Net (tensor swap, so restoring is exact)."""
-    pairs = list(zip(t.model.unet.parameters(), t.ema)) if t.ema is not None and use else []
+    """Temporarily swap the EMA weights into the trained parameters (tensor swap, so restoring is exact)."""
+    pairs = list(zip(t.trained, t.ema)) if t.ema is not None and use else []
     for p, e in pairs:
         p.data, e.data = e.data, p.data
     try:
@@ -439,12 +513,13 @@ def train(t: Training):
                 run.save(step, checkpoint_state(t, step))
         if not run.completed:
             return
+        final = run.out / ("lora.safetensors" if t.network is not None else "final.safetensors")
         if run.rank == 0:
             with ema_weights(t, use=args.export_weights == "ema"):
-                ldm.save_model(t.model, run.out / "final.safetensors")
+                export(t, final)
             if not run.due(run.total, args.sample_every):  # a last grid when the last step made none
                 sample_grid(t, run.total)
-        run.finish(run.out / "final.safetensors")
+        run.finish(final)
 
 
 def main(argv: list[str] = None):

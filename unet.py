@@ -445,7 +445,7 @@ def _depth_fields(depths: list[int], middle: int) -> dict:
 
 
 # ResBlock sub-layer names: ours -> diffusers ResnetBlock2D
-_RESNET_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+RESNET_NAMES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
                  "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
 
 
@@ -480,7 +480,7 @@ def diffusers_prefixes(cfg: UNetConfig) -> list[tuple[str, str, bool]]:
 def convert_diffusers(state_dict: dict[str, torch.Tensor], cfg: UNetConfig) -> dict[str, torch.Tensor]:
     """A diffusers UNet2DConditionModel state dict (`unet/` folder) -> our (original checkpoint) key layout."""
     table = diffusers_prefixes(cfg)
-    resnet_names = {v: k for k, v in _RESNET_NAMES.items()}
+    resnet_names = {v: k for k, v in RESNET_NAMES.items()}
     out, unknown = {}, []
     for key, value in state_dict.items():
         for ours, theirs, is_resnet in table:
