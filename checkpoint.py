@@ -6,7 +6,9 @@
 - `load_strict`: the strict `load_state_dict` every model file goes through, with one list of keys that real files
   carry and no module holds, and one error format that names the offending keys;
 - `atomic_write`: temporary file, fsync, rename, so a crash or Ctrl-C never leaves a half-written file in place;
-- `download` with resume and sha256 verification, into `cache_dir()`.
+- `download` with resume and sha256 verification, into `cache_dir()`;
+- `file_sha256` / `lora_sha256`: file hashes remembered by path, size and mtime (A1111's Model hash, and its
+  Lora hashes, which for a .safetensors hash the data without the header).
 
 A leaf: it imports torch, tqdm and the standard library, and no other module of this project.
 """
@@ -689,7 +691,8 @@ def read_training_checkpoint(path: str | os.PathLike) -> dict | None:
         return None
     with _reading(path) as f:
         obj = _read_torch_zip(f) if _is_zip(f) else None
-    return obj if isinstance(obj, dict) and ("unet" in obj or "autoencoder" in obj) and "args" in obj else None
+    trained = isinstance(obj, dict) and "args" in obj and any(k in obj for k in ("unet", "lora", "autoencoder"))
+    return obj if trained else None
 
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -872,10 +875,24 @@ def _sha256_index() -> tuple[Path, dict]:
         return index_file, {}
 
 
-def _remember_sha256(path: Path, digest: str):
+def _remembered(path: Path, field: str) -> str | None:
+    """The digest `field` remembered for this version (size, mtime) of `path`, or None."""
+    st = path.stat()
+    entry = _sha256_index()[1].get(str(path.resolve()))
+    if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+        return entry.get(field)
+    return None
+
+
+def _remember_sha256(path: Path, digest: str, field: str = "sha256"):
+    """Keep `digest` as `field` of path's entry (beside the other digests of the same file version)."""
     index_file, index = _sha256_index()
     st = path.stat()
-    index[str(path.resolve())] = dict(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=digest)
+    key, entry = str(path.resolve()), dict(size=st.st_size, mtime_ns=st.st_mtime_ns)
+    old = index.get(key)
+    if isinstance(old, dict) and all(old.get(k) == v for k, v in entry.items()):
+        entry = old
+    index[key] = {**entry, field: digest}
     try:  # a read-only cache only costs a re-hash next time
         index_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = index_file.with_name(f"{index_file.name}.{os.getpid()}.tmp")
@@ -885,10 +902,13 @@ def _remember_sha256(path: Path, digest: str):
         pass
 
 
-def _hash_file(path: Path, progress: bool = False) -> str:
+def _hash_file(path: Path, progress: bool = False, start: int = 0) -> str:
+    """sha256 hex of the bytes of `path` from offset `start` on."""
     h = hashlib.sha256()
-    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024,
-                                     desc=f"sha256 {path.name}", disable=not progress, leave=False) as bar:
+    with open(path, "rb") as f, tqdm(total=path.stat().st_size - start, unit="B", unit_scale=True,
+                                     unit_divisor=1024, desc=f"sha256 {path.name}", disable=not progress,
+                                     leave=False) as bar:
+        f.seek(start)
         while chunk := f.read(1 << 22):
             h.update(chunk)
             bar.update(len(chunk))
@@ -899,12 +919,31 @@ def file_sha256(path: str | os.PathLike, progress: bool = False) -> str:
     """sha256 hex of a file, remembered in cache_dir()/sha256.json by (absolute path, size, mtime): hashing 2 GB
     takes seconds, so it is done once per file version."""
     path = Path(path)
-    st = path.stat()
-    entry = _sha256_index()[1].get(str(path.resolve()))
-    if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
-        return entry["sha256"]
-    digest = _hash_file(path, progress)
-    _remember_sha256(path, digest)
+    digest = _remembered(path, "sha256")
+    if digest is None:
+        digest = _hash_file(path, progress)
+        _remember_sha256(path, digest)
+    return digest
+
+
+def lora_sha256(path: str | os.PathLike, progress: bool = False) -> str:
+    """The sha256 the A1111 web UI gives a LoRA file, whose first 12 hex digits are its "Lora hashes" entry: for a
+    .safetensors file, the `sshs_model_hash` sd-scripts writes into the metadata when there is one, else kohya's
+    "addnet" hash, the sha256 of the data section alone (the bytes after the u64 header length and the JSON header,
+    so editing the metadata leaves it as it was); for any other file (.pt, .ckpt) the sha256 of the whole file.
+    Remembered in cache_dir()/sha256.json like file_sha256."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":  # by the name, as A1111 decides
+        return file_sha256(path, progress)
+    with _reading(path) as f:
+        _, metadata, start = _safetensors_header(f, os.fstat(f.fileno()).st_size)
+    written = metadata.get("sshs_model_hash", "").lower()
+    if len(written) == 64 and all(c in "0123456789abcdef" for c in written):
+        return written
+    digest = _remembered(path, "addnet_sha256")
+    if digest is None:
+        digest = _hash_file(path, progress, start)
+        _remember_sha256(path, digest, "addnet_sha256")
     return digest
 
 

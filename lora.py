@@ -20,6 +20,7 @@ original: `remove` restores them bit for bit, so one loaded model switches LoRAs
 import json
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -319,7 +320,7 @@ class LoRAModule(nn.Module):
     """(alpha / r) up(down(x)) beside a Linear or Conv2d: down shaped like the base (a conv keeps its kernel,
     stride and padding), up a 1x1; down random (kohya's kaiming init), up zero, so training starts at the base."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, generator: torch.Generator = None):
         super().__init__()
         if isinstance(base, nn.Conv2d):
             self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
@@ -327,7 +328,7 @@ class LoRAModule(nn.Module):
         else:
             self.down, self.up = nn.Linear(base.in_features, rank, bias=False), nn.Linear(rank, base.out_features,
                                                                                           bias=False)
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.up.weight)
         self.scale = alpha / rank
         self.register_buffer("alpha", torch.tensor(float(alpha)))
@@ -342,7 +343,7 @@ class LoRANetwork(nn.Module):
     2.x, original paths for SDXL, as sd-scripts writes them."""
 
     def __init__(self, model: nn.Module, rank: int, alpha: float = None, which: str = "attn+ff",
-                 text_encoder: bool = False):
+                 text_encoder: bool = False, seed: int = 0):
         super().__init__()
         if which not in TARGET_SETS:
             raise ValueError(f"LoRA targets must be one of {', '.join(TARGET_SETS)}, got {which!r}")
@@ -357,16 +358,34 @@ class LoRANetwork(nn.Module):
                 raise ValueError("a text-encoder LoRA trains the SD 1.x (CLIP ViT-L) text encoder only")
             modules.update({name: ("text_encoder", t.module) for name, t in text_names(te, "lora_te_").items()})
         self.loras = nn.ModuleDict()
-        self._hooks = []
+        self._hooks, self.active = [], True
+        g = torch.Generator().manual_seed(seed)  # the same start for every run of a seed, whatever ran before
         for name, (part, path) in modules.items():
             base = getattr(model, part).get_submodule(path)
-            self.loras[name] = lm = LoRAModule(base, rank, alpha).to(next(base.parameters()).device)
-            self._hooks.append(base.register_forward_hook(lambda m, args, out, lm=lm: out + lm(args[0])))
+            self.loras[name] = lm = LoRAModule(base, rank, alpha, g).to(next(base.parameters()).device)
+            self._hooks.append(base.register_forward_hook(self._hook(lm)))
+
+    def _hook(self, lm: LoRAModule):
+        def add(module, args, out):
+            return out + lm(args[0]) if self.active else out
+        return add
 
     def remove_hooks(self):
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+    @contextmanager
+    def merged(self, model: nn.Module):
+        """The network's weights merged into `model`'s, hooks off, as `apply` merges its exported file: samples
+        drawn inside equal, bit for bit, those of the base model with the file applied (train.py's sample grids)."""
+        self.active = False
+        try:
+            apply(model, self.kohya_state_dict(), name="training")
+            yield
+        finally:
+            remove(model)
+            self.active = True
 
     @torch.no_grad()
     def load_kohya_state_dict(self, state: dict[str, torch.Tensor]):

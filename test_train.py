@@ -16,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image, ImageOps
 
+import bench
 import checkpoint
 import cli
 import data
@@ -516,15 +517,147 @@ def test_sdxl_fine_tune_exports_the_public_layout_and_samples(tmp_path):
                     "--train-text-encoder", "--steps", "1"] + FAST)
 
 
+# --- LoRA ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def random_base(tmp_path_factory) -> Path:
+    """A tiny model with seeded random U-Net weights, as a base file: a fresh U-Net's zero-initialised output layers
+    would give a LoRA on it no gradient."""
+    model = ldm.build_model("tiny")
+    randomize_(model.unet, 5)
+    path = tmp_path_factory.mktemp("base") / "base.safetensors"
+    ldm.save_model(model, path)
+    return path
+
+
+def fixed_loss(model: ldm.LatentDiffusion, folder: Path) -> float:
+    """The training loss over every image of `folder` at 32 px with their captions, at timesteps spread over 0..999
+    and fixed noise."""
+    x, captions, _ = data.load_images(data.find_images(folder)[0], 32)
+    with torch.no_grad():
+        z0 = model.encode_images(x)
+        noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
+        t = torch.linspace(0, 999, len(x)).round().long()
+        return ldm.diffusion_loss(model, model.unet, z0, noise, t, model.encode_prompt(captions)).item()
+
+
+def test_a_lora_loses_loss_like_a_full_fine_tune_and_leaves_the_base_alone(tmp_path, random_base):
+    """30 steps on the same data: a LoRA on every U-Net layer (rank 4, LoCon convolutions) and on the text encoder
+    gets most of the way a full fine-tune of the U-Net gets; its first step is the base model's (up = 0), and its
+    export holds its modules only, with kohya's metadata."""
+    make_images(tmp_path / "d", 8)
+    common = ["--data", str(tmp_path / "d"), "--ckpt", str(random_base), "--steps", "30", "--cache-latents",
+              "--uncond-prob", "0"] + FAST
+    train.main(common + ["--out", str(tmp_path / "full"), "--ema-decay", "0"])
+    train.main(common + ["--out", str(tmp_path / "lora"), "--lora-rank", "4", "--lora-targets", "all",
+                         "--lora-text-encoder", "--lr", "1e-2"])
+    assert losses(tmp_path / "lora")[0] == losses(tmp_path / "full")[0]  # step 1 runs the base model
+    base = ldm.load_model(random_base)
+    before = fixed_loss(base, tmp_path / "d")
+    full = fixed_loss(ldm.load_model(tmp_path / "full" / "final.safetensors"), tmp_path / "d")
+    base.apply_lora(tmp_path / "lora" / "lora.safetensors")
+    after = fixed_loss(base, tmp_path / "d")
+    assert full < 0.6 * before and before - after > 0.6 * (before - full), (before, full, after)
+    assert not (tmp_path / "lora" / "final.safetensors").exists()
+    sd, meta = checkpoint.read_checkpoint(tmp_path / "lora" / "lora.safetensors")
+    names = {k.rsplit(".", 2)[0] for k in sd if k.endswith(".lora_down.weight")}
+    assert {k[len(n):] for n in names for k in sd if k.startswith(n + ".")} == {
+        ".lora_down.weight", ".lora_up.weight", ".alpha"}  # the file holds LoRA weights and nothing else
+    assert any("_resnets_" in n and n.endswith("_conv1") for n in names)  # convolutions (LoCon)
+    assert any(n.startswith("lora_unet_down_blocks_") and n.endswith("_attn2_to_k") for n in names)  # diffusers names
+    assert any(n.startswith("lora_te_text_model_encoder_layers_") for n in names)
+    assert all(sd[k].shape[0] == 4 for k in sd if k.endswith("lora_down.weight"))
+    assert {k: meta[k] for k in ("ss_network_dim", "ss_network_alpha", "ss_base_model_version", "ss_steps",
+                                 "ss_network_module")} == {"ss_network_dim": "4", "ss_network_alpha": "4.0",
+                                                           "ss_base_model_version": "sd_v1", "ss_steps": "30",
+                                                           "ss_network_module": "networks.lora"}
+    ck = torch.load(runs.list_checkpoints(tmp_path / "lora")[0], weights_only=True)
+    assert "unet" not in ck and "text_encoder" not in ck and set(ck["lora"]) == set(sd)  # the base: from --ckpt
+
+
+def test_a_lora_export_gives_diffusers_the_same_outputs(tmp_path, random_base):
+    """OUT/lora.safetensors through diffusers' load_lora_weights (peft): its U-Net and text encoder give what ours
+    give with the file applied."""
+    make_images(tmp_path / "d", 4)
+    out = tmp_path / "out"
+    train.main(["--data", str(tmp_path / "d"), "--out", str(out), "--ckpt", str(random_base), "--steps", "3",
+                "--lora-rank", "4", "--lora-targets", "all", "--lora-text-encoder", "--lr", "1e-2"] + FAST)
+    base = ldm.load_model(random_base)
+    pipe, _ = bench.diffusers_pipeline(base)  # its own copy of the base weights
+    pipe.load_lora_weights(str(out / "lora.safetensors"))
+    tokens = base.tokenizer(["a red square", ""])
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        theirs_context = pipe.text_encoder(tokens)[0]
+        theirs = pipe.unet(z, t, theirs_context).sample
+        plain = base.unet(z, t, base.text_encoder(tokens))
+        base.apply_lora(out / "lora.safetensors")
+        context = base.text_encoder(tokens)
+        ours = base.unet(z, t, context)
+    assert (ours - plain).abs().max() > 1e-2  # the LoRA changes the output far beyond the tolerance
+    torch.testing.assert_close(theirs_context, context, rtol=0, atol=1e-5)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_a_lora_run_resumes_bitwise_reloads_and_its_file_redraws_the_sample_grid(tmp_path, random_base):
+    """A LoRA run (EMA, gradient accumulation) for 3 steps then --resume to 6 equals 6 steps at once; the run folder
+    loads as the base with the LoRA merged; sample.py --lora OUT/lora.safetensors redraws the grid bit for bit."""
+    make_images(tmp_path / "d", 6)
+    common = ["--data", str(tmp_path / "d"), "--ckpt", str(random_base), "--lora-rank", "2", "--lora-alpha", "1",
+              "--ema-decay", "0.9", "--grad-accum", "2", "--lr", "1e-2", "--lr-schedule", "constant"] + FAST
+    common += ["--batch-size", "2", "--save-every", "3"]
+    train.main(common + ["--out", str(tmp_path / "a"), "--steps", "6", "--sample-every", "6"])
+    train.main(common + ["--out", str(tmp_path / "b"), "--steps", "3"])
+    train.main(["--out", str(tmp_path / "b"), "--steps", "6", "--resume", "--sample-every", "6"])
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(a) == 6 and a == b
+    sa = checkpoint.read_checkpoint(tmp_path / "a" / "lora.safetensors")[0]
+    sb = checkpoint.read_checkpoint(tmp_path / "b" / "lora.safetensors")[0]
+    assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert all(float(v) == 1.0 for k, v in sa.items() if k.endswith(".alpha"))
+    merged = ldm.load_model(random_base)
+    merged.apply_lora(tmp_path / "a" / "lora.safetensors")  # the EMA weights, as the export
+    run = ldm.load_model(tmp_path / "a")
+    assert all(torch.equal(merged.state_dict()[k], v) for k, v in run.state_dict().items())
+    grid = Image.open(tmp_path / "a" / "samples" / "step-0000006.png")
+    prompt = json.loads(grid.text["prompts"])[0]
+    assert sample.main([prompt, "--ckpt", str(random_base), "--lora", str(tmp_path / "a" / "lora.safetensors"),
+                        "--steps", "2", "--cfg", "5", "--seed", "0", "--height", "32", "--width", "32", "--out",
+                        str(tmp_path / "s")]) == 0
+    (image,) = (tmp_path / "s").glob("*.png")
+    assert np.array_equal(np.asarray(Image.open(image)), np.asarray(grid.convert("RGB").crop((0, 0, 32, 32))))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora-rank", "4"], "pass the model with --ckpt"),
+    (["--lora-alpha", "8"], "--lora-alpha goes with --lora-rank"),
+    (["--lora-rank", "4", "--ckpt", "BASE", "--train-text-encoder"], "use --lora-text-encoder"),
+    (["--lora-rank", "4", "--ckpt", "XL", "--lora-text-encoder"], "for SD 1.x models"),
+])
+def test_lora_flags_that_do_not_fit_are_one_line_errors(tmp_path, random_base, flags, message):
+    make_images(tmp_path / "d", 2)
+    if "XL" in flags:
+        ldm.save_model(ldm.build_model("tiny-sdxl"), tmp_path / "xl.safetensors")
+    flags = [{"BASE": str(random_base), "XL": str(tmp_path / "xl.safetensors")}.get(f, f) for f in flags]
+    with pytest.raises(SystemExit, match=message):
+        train.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--steps", "1"] + flags + FAST)
+
+
 # --- distributed ---------------------------------------------------------------------------------------------------
 
 
-STAGES = {"unet": train, "encoder": train_vae}  # the module whose gradients are compared -> its stage's script
+STAGES = {"unet": train, "lora": train, "encoder": train_vae}  # whose gradients are compared -> its stage's script
 
 
 def stage_setup(module: str, argv: list[str]):
     script = STAGES[module]
     return script, script.setup(*cli.parse_run_args(script.make_parser, argv))
+
+
+def trained_module(t, module: str) -> torch.nn.Module:
+    return t.network if module == "lora" else getattr(t.model, module)
 
 
 def _ddp_worker(rank: int, world: int, port: int, argv: list[str], grads_path: str, module: str = "unet"):
@@ -534,29 +667,36 @@ def _ddp_worker(rank: int, world: int, port: int, argv: list[str], grads_path: s
     script, t = stage_setup(module, argv)
     script.forward_backward(t, 1)
     if rank == 0:
-        torch.save({n: p.grad for n, p in getattr(t.model, module).named_parameters()}, grads_path)
+        torch.save({n: p.grad for n, p in trained_module(t, module).named_parameters()}, grads_path)
     for opt in t.optimizers if module == "encoder" else [t.optimizer]:
         opt.zero_grad(set_to_none=True)
     t.run.batches = None
     script.train(t)  # leaves the process group at its end
 
 
-def test_two_process_ddp_matches_single_process_gradient(tmp_path):
+@pytest.mark.parametrize("module", ["unet", pytest.param("lora", marks=pytest.mark.slow)])
+def test_two_process_ddp_matches_single_process_gradient(tmp_path, module, random_base):
+    """Two ranks of two micro-batches each: the gradient of one process's batch of four, for the U-Net, and for a
+    LoRA (U-Net and text-encoder modules)."""
     make_images(tmp_path / "d", 8, captions="jsonl")
     base = ["--data", str(tmp_path / "d"), "--steps", "2", "--uncond-prob", "0.5"] + FAST
+    if module == "lora":
+        base += ["--ckpt", str(random_base), "--lora-rank", "2", "--lora-targets", "all", "--lora-text-encoder"]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     two = base + ["--out", str(tmp_path / "ddp"), "--batch-size", "1", "--grad-accum", "2"]  # 2 ranks x 2 x 1
-    mp.spawn(_ddp_worker, args=(2, port, two, str(tmp_path / "grads.pt")), nprocs=2, join=True)
-    _, single = stage_setup("unet", base + ["--out", str(tmp_path / "one"), "--batch-size", "4"])
+    mp.spawn(_ddp_worker, args=(2, port, two, str(tmp_path / "grads.pt"), module), nprocs=2, join=True)
+    _, single = stage_setup(module, base + ["--out", str(tmp_path / "one"), "--batch-size", "4"])
     train.forward_backward(single, 1)
     ddp_grads = torch.load(tmp_path / "grads.pt", weights_only=True)
-    for n, p in single.model.unet.named_parameters():
+    params = dict(trained_module(single, module).named_parameters())
+    assert set(ddp_grads) == set(params) and any(p.grad.abs().max() > 0 for p in params.values())
+    for n, p in params.items():
         torch.testing.assert_close(ddp_grads[n], p.grad, rtol=1e-4, atol=1e-6)
     log = read_log(tmp_path / "ddp")
     assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
-    assert (tmp_path / "ddp" / "final.safetensors").exists()
+    assert (tmp_path / "ddp" / ("lora.safetensors" if module == "lora" else "final.safetensors")).exists()
 
 
 # --- autoencoder stage ---------------------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ def setup(args: argparse.Namespace, explicit: set[str] = frozenset()) -> Trainin
     network = None
     if args.lora_rank:
         network = lora_lib.LoRANetwork(model, args.lora_rank, args.lora_alpha, args.lora_targets,
-                                       args.lora_text_encoder).train()
+                                       args.lora_text_encoder, args.seed).train()
         if run.device.type == "cuda" and run.amp_dtype is not None:  # the frozen base in half precision: autocast
             model.unet.to(run.amp_dtype)  # computes in it anyway, and the weights take half the memory
             model.text_encoder.to(run.amp_dtype)
@@ -474,7 +474,8 @@ def sample_grid(t: Training, step: int):
     model, args = t.model, t.args
     model.eval()
     try:
-        with ema_weights(t), t.run.autocast():
+        lora = t.network.merged(model) if t.network is not None else nullcontext()
+        with ema_weights(t), lora, t.run.autocast():  # a LoRA merged: what sample.py --lora gives
             images = ldm.sample(model, t.prompts, steps=args.sample_steps, guidance_scale=args.sample_cfg,
                                 seed=args.seed, height=args.resolution, width=args.resolution, progress=False,
                                 cuda_graph=False)  # a kept graph would hold its activation memory while training
