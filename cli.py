@@ -89,7 +89,10 @@ def add_run_flags(p: argparse.ArgumentParser, defaults: dict[str, str]) -> argpa
     a("--keep", "number of checkpoints kept (at least 1)", type=int, default=3)
     a("--sample-every", "sample grid every N steps, 0: only at the end", type=int)
     a("--val-every", "validation every N steps", type=int)
-    a("--max-bad-steps", "stop after this many non-finite losses in a row", type=int, default=5)
+    a("--max-bad-steps", "stop after this many non-finite losses in a row (counted when the log is written)",
+      type=int, default=5)
+    a("--log-every", "write log.jsonl and the progress bar every N steps: reading the loss makes the GPU wait, so "
+      "not every step there (default: 1 on the CPU, 10 on a GPU)", type=int)
     a("--no-progress", "no progress bar", action="store_true")
     return p
 

@@ -182,6 +182,7 @@ class Run:
                             + "; ".join(f"{problem}: {', '.join(str(p) for p in paths[:3])}"
                                         + (" ..." if len(paths) > 3 else "") for problem, paths in bad.items()) + ")")
         self.start, self.bad_steps, self.stop_requested, self.stop = 1, 0, False, False
+        self.pending, self.busy = [], 0.0  # steps not yet written to log.jsonl; their time on the host
 
     def merge_args(self, saved: dict, given: argparse.Namespace, explicit: set[str]) -> argparse.Namespace:
         """The run's saved settings, overridden by the flags given now (e.g. a larger --steps)."""
@@ -217,6 +218,8 @@ class Run:
         self.total = args.epochs * self.sampler.steps_per_epoch if args.epochs else args.steps
         self.dataset = data.ImageDataset(self.items, args.resolution, args.seed, args.random_crop, args.flip)
         self.batches = None
+        if args.log_every is None:  # reading the loss waits for the GPU, which then runs dry: not every step there
+            args.log_every = 10 if self.device.type == "cuda" else 1
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
         self.scaler = torch.amp.GradScaler(self.device.type) if args.precision == "fp16" else None
 
@@ -269,36 +272,41 @@ class Run:
                     dist.all_reduce(p.grad)
                     p.grad /= self.world
 
-    def optimizer_step(self, optimizers: list[torch.optim.Optimizer], step: int, loss: float) -> tuple[bool, float]:
+    def optimizer_step(self, optimizers: list[torch.optim.Optimizer], step: int,
+                       loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Set the LR, unscale and clip, step every optimizer that has gradients, zero them. Returns (applied, grad
-        norm of the first one): a non-finite loss or gradient skips the update (GradScaler does this in fp16)."""
+        norm of the first one) as 0-d device tensors. A non-finite loss or gradient skips the update: a fused
+        optimizer skips on the device (its found_inf input, as GradScaler uses it), so nothing here waits for the
+        GPU; an unfused one (the CPU's) after a look at the flag; GradScaler skips fp16 overflows itself."""
         args = self.args
         lr = lr_at(step, args.lr, args.warmup_steps, self.total, args.lr_schedule)
         active = [o for o in optimizers if any(p.grad is not None for g in o.param_groups for p in g["params"])]
-        norms = []
+        ok, norms = torch.isfinite(torch.as_tensor(loss, device=self.device)), []
         for opt in active:
             for group in opt.param_groups:
                 group["lr"] = lr
             if self.scaler:
                 self.scaler.unscale_(opt)
             params = [p for g in opt.param_groups for p in g["params"]]
-            norms.append(torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf")).item())
-        applied = math.isfinite(loss) and all(math.isfinite(n) for n in norms)
+            norms.append(torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf")))
+            ok = ok & torch.isfinite(norms[-1]).to(ok.device)
         if self.scaler:
-            scale = self.scaler.get_scale()
+            scale = self.scaler.get_scale()  # waits for the GPU: fp16 runs only
             for opt in active:
                 self.scaler.step(opt)
             self.scaler.update()
-            applied = applied and self.scaler.get_scale() >= scale  # the scale drops exactly when a step is skipped
-        elif applied:
+            ok = ok & (self.scaler.get_scale() >= scale)  # the scale drops exactly when a step is skipped
+        else:
             for opt in active:
-                opt.step()
+                if opt.defaults.get("fused"):
+                    opt.found_inf = (~ok).float()
+                    opt.step()
+                    del opt.found_inf
+                elif ok.item():
+                    opt.step()
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        # fp16: GradScaler skips overflowing steps while it calibrates; only a non-finite loss counts there
-        bad = not math.isfinite(loss) or (not applied and self.scaler is None)
-        self.bad_steps = self.bad_steps + 1 if bad else 0
-        return applied, norms[0] if norms else 0.0
+        return ok, norms[0] if norms else torch.zeros((), device=self.device)
 
     def due(self, step: int, every: int) -> bool:
         """Rank 0's turn to validate or sample at this step (every N steps, 0: never)."""
@@ -367,6 +375,7 @@ class Run:
 
     def save(self, step: int, state: dict):
         """ckpt-<step>.pt, written atomically; older ones beyond --keep are removed; the loss curve is redrawn."""
+        self.flush_log()  # log.jsonl up to the checkpoint's step, as a resume from it expects
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             with checkpoint.atomic_write(self.out / f"ckpt-{step:07d}.pt") as f:
@@ -387,6 +396,11 @@ class Run:
         return self
 
     def __exit__(self, *exc):
+        if exc[0] is not None:  # the lines of the steps that ran before an error or an interrupt
+            try:
+                self.flush_log()
+            except Exception:  # a failed device cannot be read; the error itself is what matters
+                pass
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -433,21 +447,44 @@ class Run:
             for s, h in handlers.items():
                 signal.signal(s, h)
 
-    def log_step(self, step: int, loss: float, norm: float, applied: bool, lr: float, logs: dict = None):
-        """log.jsonl and the progress bar; images/s leaves out validation, samples and saves."""
+    def log_step(self, step: int, loss: torch.Tensor, norm: torch.Tensor, applied: torch.Tensor, lr: float,
+                 logs: dict = None):
+        """Note a step's loss, gradient norm and applied flag (device tensors) for log.jsonl and the progress bar.
+        They are read every --log-every steps, at the last step and when stopping: the one wait for the GPU then,
+        not one a step. images/s leaves out validation, samples and saves."""
         now = time.perf_counter()
-        ips, self.tick = self.global_batch / (now - self.tick), now
-        if self.rank == 0:
-            finite = {k: v for k, v in (logs or {}).items() if math.isfinite(v)}
+        self.busy, self.tick = self.busy + now - self.tick, now
+        self.pending.append((step, lr, logs or {}, torch.stack([loss.float(), norm.float(), applied.float()])))
+        if step % self.args.log_every == 0 or step == self.total or self.stop_requested:
+            self.flush_log()
+
+    def flush_log(self):
+        """Write the noted steps: their log.jsonl lines, the progress bar, and the count of non-finite losses in a
+        row (fp16: GradScaler skips overflowing steps while it calibrates; only a non-finite loss counts there)."""
+        if not self.pending:
+            return
+        start = time.perf_counter()
+        values = torch.stack([v for *_, v in self.pending]).tolist()  # waits for the device
+        now = time.perf_counter()
+        ips = self.global_batch * len(values) / max(self.busy + now - start, 1e-9)
+        self.busy, self.tick = 0.0, now
+        for (step, lr, logs, _), (loss, norm, applied) in zip(self.pending, values):
+            applied = bool(applied)
+            bad = not math.isfinite(loss) or (not applied and self.scaler is None)
+            self.bad_steps = self.bad_steps + 1 if bad else 0
+            finite = {k: v for k, v in logs.items() if math.isfinite(v)}
             self.log(dict(step=step, epoch=(step - 1) // self.sampler.steps_per_epoch,
                           loss=loss if math.isfinite(loss) else None, lr=lr,
                           grad_norm=norm if math.isfinite(norm) else None, images_per_s=round(ips, 3),
                           applied=applied, **finite))
+        if self.rank == 0:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}", refresh=False)
-            self.bar.update(1)
+            self.bar.update(len(values))
+        self.pending = []
 
     def log_validation(self, step: int, metrics: dict | None):
         if metrics:
+            self.flush_log()  # the step lines before it
             self.log(dict(step=step, **metrics))
             self.bar.write(f"step {step}: " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items()))
 
@@ -455,7 +492,8 @@ class Run:
         """Save now: every --save-every steps, at the last step, when stopping on a signal (agreed by every rank), or
         to keep the last good weights before giving up on non-finite losses."""
         self.stop = self.stop_requested
-        if self.world > 1:  # all ranks must leave the loop after the same step
+        if self.world > 1 and (step % self.args.log_every == 0 or step == self.total):
+            # all ranks must leave the loop after the same step: they agree at the steps they all log
             flag = torch.tensor([float(self.stop_requested)], device=self.device)
             dist.all_reduce(flag)
             self.stop = flag.item() > 0

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -389,6 +390,52 @@ def test_non_finite_loss_stops_after_repeated_failures(tmp_path, monkeypatch, ca
     fresh = train.setup(*cli.parse_run_args(train.make_parser, ["--data", str(tmp_path / "d"), "--out",
                                                                 str(tmp_path / "x")] + FAST))
     assert all(torch.equal(v, fresh.model.unet.state_dict()[k]) for k, v in state["unet"].items())
+
+
+def test_the_log_written_every_n_steps_is_the_log_of_every_step(tmp_path, monkeypatch):
+    """--log-every 4 (how a GPU run reads its losses: a wait for the device every few steps, not every step) writes the
+    same lines and weights as --log-every 1, and still stops on non-finite losses, where it next writes the log."""
+    make_images(tmp_path / "d", 4)
+    common = ["--data", str(tmp_path / "d"), "--steps", "6", "--ema-decay", "0.9"] + FAST
+    for n in (1, 4):
+        train.main(common + ["--out", str(tmp_path / f"n{n}"), "--log-every", str(n)])
+    a, b = read_log(tmp_path / "n1"), read_log(tmp_path / "n4")
+    assert len(a) == 6 and [dict(r, images_per_s=0) for r in a] == [dict(r, images_per_s=0) for r in b]
+    ka = checkpoint.read_checkpoint(tmp_path / "n1" / "final.safetensors")[0]
+    kb = checkpoint.read_checkpoint(tmp_path / "n4" / "final.safetensors")[0]
+    assert all(torch.equal(ka[k], kb[k]) for k in ka)
+    monkeypatch.setattr(ldm, "diffusion_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(SystemExit, match="not finite for 8 steps"):  # 5 in a row, seen at the log of step 8
+        train.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "nan"), "--steps", "50",
+                    "--log-every", "4"] + FAST)
+    assert runs.load_latest_checkpoint(tmp_path / "nan")[0]["step"] == 8
+
+
+def test_a_fused_optimizer_skips_a_non_finite_step_on_the_device():
+    """runs.Run.optimizer_step with a fused AdamW: a NaN gradient leaves weights, moments and step count as they were,
+    with no look at the flag on the host; finite steps update as the unfused optimizer does."""
+    run = types.SimpleNamespace(args=types.SimpleNamespace(lr=0.1, warmup_steps=0, lr_schedule="constant",
+                                                           grad_clip=1.0), total=3, scaler=None,
+                                device=torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    start, grads = torch.randn(5, 3, generator=g), [torch.randn(5, 3, generator=g) for _ in range(3)]
+    grads[1][2, 1] = float("nan")
+    weights = []
+    for fused in (True, False):
+        w = torch.nn.Parameter(start.clone())
+        opt = torch.optim.AdamW([w], fused=fused)
+        flags = []
+        for step, grad in enumerate(grads, 1):
+            w.grad = grad.clone()
+            before = (w.detach().clone(), {k: v.clone() for k, v in opt.state[w].items()})
+            applied, _ = runs.Run.optimizer_step(run, [opt], step, torch.tensor(1.0))
+            flags.append(bool(applied))
+            if step == 2:
+                assert torch.equal(w.detach(), before[0])
+                assert all(torch.equal(opt.state[w][k], v) for k, v in before[1].items())
+        assert flags == [True, False, True] and float(opt.state[w]["step"]) == 2
+        weights.append(w.detach())
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-6, atol=1e-7)
 
 
 # --- export --------------------------------------------------------------------------------------------------------

@@ -358,10 +358,11 @@ def forward_backward(t: Training, step: int) -> torch.Tensor:
     return run.mean_over_ranks(losses)
 
 
-def update_ema(t: Training):
+def update_ema(t: Training, applied: torch.Tensor):
+    """ema += (1 - decay) (w - ema), with weight 0 after a skipped step (a device flag: no wait for the GPU)."""
     n = t.ema_updates
-    decay = min(t.args.ema_decay, (1 + n) / (10 + n))  # warm-up: early weights are averaged less
-    torch._foreach_lerp_(t.ema, [p.detach() for p in t.trained], 1 - decay)
+    decay = min(t.args.ema_decay, (1 + n) / (10 + n))  # warm-up over the steps: early weights are averaged less
+    torch._foreach_lerp_(t.ema, [p.detach() for p in t.trained], applied.float() * (1 - decay))
     t.ema_updates += 1
 
 
@@ -502,10 +503,10 @@ def train(t: Training):
     run, args = t.run, t.args
     with run:  # leaves the process group however the run ends
         for step in run.steps():
-            loss = forward_backward(t, step).item()
+            loss = forward_backward(t, step)  # tensors on the device from here to the log: no waiting on the GPU
             applied, norm = run.optimizer_step([t.optimizer], step, loss)
-            if applied and t.ema is not None:
-                update_ema(t)
+            if t.ema is not None:
+                update_ema(t, applied)
             run.log_step(step, loss, norm, applied, t.optimizer.param_groups[0]["lr"])
             if run.due(step, args.val_every):
                 run.log_validation(step, validate(t))

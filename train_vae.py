@@ -316,10 +316,10 @@ def train(t: Training):
     with run:  # leaves the process group however the run ends
         for step in run.steps():
             loss, logs = forward_backward(t, step)
-            applied, norm = run.optimizer_step(t.optimizers, step, loss.item())
-            if applied and t.codebook is not None:
+            applied, norm = run.optimizer_step(t.optimizers, step, loss)
+            if t.codebook is not None and applied:
                 logs["codes_restarted"] = update_codebook(t, step)
-            run.log_step(step, loss.item(), norm, applied, t.optimizers[0].param_groups[0]["lr"], logs)
+            run.log_step(step, loss, norm, applied, t.optimizers[0].param_groups[0]["lr"], logs)
             if run.checkpoint_due(step):
                 run.save(step, checkpoint_state(t, step))
             if run.due(step, args.val_every):
