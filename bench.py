@@ -5,7 +5,8 @@ peak memory, checkpoint load time and peak RAM.
     python bench.py --device cuda             # SD 1.5 shapes: 512x512, 50 DDIM steps, CFG 7.5, fp16; training bf16
     python bench.py --device cuda --compile   # adds torch.compile rows (minutes of compile time)
     python bench.py --device cpu              # small sizes that finish in minutes on 2 cores, fp32
-    python bench.py --only sample unet        # a subset of: sample unet vae train load
+    python bench.py --only sample unet        # a subset of: sample dpmpp sdxl unet vae train load samplers
+    python bench.py --device cuda --compile --json bench.json   # every row, also as JSON
 
 Weights are random with the public SD 1.5 layout (the keys ldm.save_model writes), written once into --workdir, so
 nothing is downloaded. diffusers (optional, requirements-dev.txt) runs on the very same weights, converted by its own
@@ -18,7 +19,7 @@ import os
 
 import cli
 
-NAMES = ("sample", "unet", "vae", "train", "load", "samplers")  # in the order they run (load writes 4 GB first)
+NAMES = ("sample", "dpmpp", "sdxl", "unet", "vae", "train", "load", "samplers")  # in the order they run
 DESCRIPTION = ("Benchmarks this project against diffusers at identical settings and on the very same random weights "
                "(SD 1.5 layout, written once into --workdir; nothing is downloaded), and prints one table: seconds "
                "per image, U-Net milliseconds per step and TFLOP/s, VAE decode time and tiled-decode memory, "
@@ -37,6 +38,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=os.environ.get("LDM_BENCH_DIR", "/tmp/ldm-bench"),
                    help="where the random full-size checkpoints are written (up to 14 GB)")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file (measurement, ldm, diffusers, "
+                                                "unit, ratio), rewritten after each benchmark")
     p.add_argument("--ckpt", help="a trained model for the samplers benchmark, e.g. runs/emoji-ldm (the samplers row "
                                   "runs only with it)")
     p.add_argument("--prompts", nargs="+", default=["an emoji of a red apple", "an emoji of a grinning face",
@@ -65,6 +68,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import checkpoint
 import ldm
+import lora as lora_lib
+import unet as unet_lib
 
 HERE = Path(__file__).resolve().parent
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -84,10 +89,12 @@ class Settings:
     train_size: int  # image side; latents are size / 8 (sd1) or / 4 (tiny presets)
     train_batch: int
     train_precision: str
+    sdxl_config: str  # model of the SDXL rows: "sdxl" (random SDXL base file, float16) or "tiny-sdxl"
+    sdxl_size: int
 
 
-GPU = Settings("sd1", (512,), 50, (1, 4), torch.float16, 512, 2048, "sd1", 512, 16, "bf16")
-CPU = Settings("tiny", (64, 256), 50, (1, 4), torch.float32, 256, 512, "small", 64, 8, "fp32")
+GPU = Settings("sd1", (512,), 50, (1, 4), torch.float16, 512, 2048, "sd1", 512, 16, "bf16", "sdxl", 1024)
+CPU = Settings("tiny", (64, 256), 50, (1, 4), torch.float32, 256, 512, "small", 64, 8, "fp32", "tiny-sdxl", 64)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,6 +160,11 @@ class Table:
     def add(self, what: str, ours: float = None, theirs: float = None, unit: str = "", lower_is_better=True):
         self.rows.append((what, ours, theirs, unit, lower_is_better))
         print(f"  {what}: ldm {fmt(ours)} {unit}, diffusers {fmt(theirs)} {unit}", flush=True)
+
+    def records(self) -> list[dict]:
+        return [dict(measurement=what, ldm=ours, diffusers=theirs, unit=unit, ratio=(
+            (theirs / ours if lower else ours / theirs) if ours and theirs else None))
+            for what, ours, theirs, unit, lower in self.rows]
 
     def markdown(self) -> str:
         lines = ["| measurement | ldm | diffusers | ldm vs diffusers |", "|---|---|---|---|"]
@@ -512,6 +524,117 @@ def bench_sample(args, S: Settings, table: Table, device: torch.device):
         reset_peak(device)
 
 
+def sampler_rows(model: ldm.LatentDiffusion, pipe, label: str, S: Settings, table: Table, device: torch.device,
+                 compile_unet, **kw):
+    """ldm.sample at batch 1 with kw (sampler, steps, size, ...): eager, CUDA graph and, with compile_unet (a function
+    compiling model.unet in place), compiled + graph, against `pipe` (a diffusers pipeline call taking the seed, or
+    None) eager; seconds per image and peak memory."""
+    cuda = device.type == "cuda"
+
+    def ours(cuda_graph: bool, **more) -> torch.Tensor:
+        return ldm.sample(model, [PROMPT], seed=0, progress=False, output_type="tensor", cuda_graph=cuda_graph,
+                          **kw, **more)
+
+    runs = {"eager": lambda: ours(False)}
+    if cuda:
+        runs["CUDA graph"] = lambda: ours(True)
+    results = {}
+    for name, fn in runs.items():
+        reset_peak(device)
+        results[name] = timed(fn, device), peak_gib(device)
+        print(f"  {label}, {name}: {results[name][0]:.3f} s/image, peak {results[name][1]:.2f} GiB", flush=True)
+    model.__dict__.pop("_step_graphs", None)
+    theirs = (None, None)
+    if pipe is not None:
+        reset_peak(device)
+        theirs = timed(pipe, device), peak_gib(device)
+        print(f"  {label}, diffusers eager: {theirs[0]:.3f} s/image, peak {theirs[1]:.2f} GiB", flush=True)
+    if compile_unet is not None and cuda:
+        start = time.time()
+        compile_unet()
+        ours(True)
+        print(f"  compile (first call): {time.time() - start:.0f} s", flush=True)
+        reset_peak(device)
+        results["compiled + CUDA graph"] = timed(lambda: ours(True), device), peak_gib(device)
+        print(f"  {label}, compiled + CUDA graph: {results['compiled + CUDA graph'][0]:.3f} s/image", flush=True)
+        model.__dict__.pop("_step_graphs", None)
+    for name, (sec, _) in results.items():
+        table.add(f"{label}, batch 1, {name}: s/image", sec, theirs[0], "s")
+    best = "compiled + CUDA graph" if "compiled + CUDA graph" in results else "CUDA graph" if cuda else "eager"
+    table.add(f"{label}, batch 1, {best}: peak memory", results[best][1], theirs[1], "GiB" if cuda else "GiB RSS")
+    return results
+
+
+def bench_dpmpp(args, S: Settings, table: Table, device: torch.device):
+    """DPM++ 2M on the Karras schedule, 20 steps, CFG 7.5, batch 1: ldm's fast path (every sampler's step is a device
+    function replayed as a CUDA graph) against diffusers' DPMSolverMultistepScheduler (dpmsolver++, order 2, Karras
+    sigmas) eager. The two solvers differ in detail (diffusers' is not k-diffusion's), so only the times compare."""
+    size = S.sample_sizes[0]
+    model = build_model(args, S, device, S.sample_config)
+    pipe = diffusers_twin(model)
+    call = None
+    if pipe is not None:
+        from diffusers import DPMSolverMultistepScheduler
+        pipe.scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                     algorithm_type="dpmsolver++", solver_order=2,
+                                                     use_karras_sigmas=True)
+
+        def call() -> torch.Tensor:  # text encoding included, as in ldm.sample
+            tokens, empty = model.tokenizer([PROMPT]), model.tokenizer([""])
+            with torch.no_grad():
+                pe, ne = pipe.text_encoder(tokens.to(device))[0], pipe.text_encoder(empty.to(device))[0]
+                return pipe(prompt_embeds=pe, negative_prompt_embeds=ne, height=size, width=size,
+                            num_inference_steps=20, guidance_scale=7.5,
+                            generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
+
+    def compile_unet():
+        model.unet.to(memory_format=torch.channels_last)
+        model.unet.compile(dynamic=False)  # as sample.py --compile
+
+    sampler_rows(model, call, f"sample {S.sample_config} {size}px DPM++ 2M Karras 20 steps", S, table, device,
+                 compile_unet if args.compile else None, sampler="dpmpp_2m", scheduler="karras", steps=20,
+                 height=size, width=size)
+    pipe = model = None
+    reset_peak(device)
+
+
+def bench_sdxl(args, S: Settings, table: Table, device: torch.device):
+    """The SDXL base at its size, Euler 30 steps, CFG 5, batch 1 (random weights in the released float16 file's
+    layout, its VAE kept in bf16 / fp32 as ldm.load_model does): ldm eager, CUDA graph and compiled, against
+    diffusers' StableDiffusionXLPipeline eager; then the peak memory of a VAE decode in 64-latent tiles."""
+    cuda, size = device.type == "cuda", S.sdxl_size
+    if S.sdxl_config == "sdxl":
+        path = Path(args.workdir) / "sdxl-base-random-float16.safetensors"
+        make_random_checkpoint(path, dtype=torch.float16, preset="sdxl")
+        model = ldm.load_model(path, device=device, dtype=torch.float16)
+    else:
+        torch.manual_seed(0)
+        model = ldm.build_model(S.sdxl_config).to(device, S.dtype).eval()
+    call = None
+    if importlib.util.find_spec("diffusers") is not None:
+        pipe = diffusers_sdxl_pipeline(model, "euler", assign=True)[0]  # the U-Net and VAE share our tensors
+        pipe.text_encoder.to(device, model.dtype)
+        pipe.text_encoder_2.to(device, model.dtype)
+        call = lambda: pipe(PROMPT, height=size, width=size, num_inference_steps=30, guidance_scale=5.0,  # noqa: E731
+                            generator=torch.Generator("cpu").manual_seed(0), output_type="pt").images
+
+    def compile_unet():
+        model.unet.to(memory_format=torch.channels_last)
+        model.unet.compile(dynamic=False)  # as sample.py --compile
+
+    label = f"sample {S.sdxl_config} {size}px Euler 30 steps"
+    sampler_rows(model, call, label, S, table, device, compile_unet if args.compile else None, sampler="euler",
+                 steps=30, guidance_scale=5.0, height=size, width=size)
+    if cuda:
+        reset_peak(device)
+        sec = timed(lambda: ldm.sample(model, [PROMPT], seed=0, progress=False, output_type="tensor", sampler="euler",
+                                       steps=30, guidance_scale=5.0, height=size, width=size, tile=64), device)
+        table.add(f"{label}, batch 1, --tile 64 VAE decode: s/image", sec, None, "s")
+        table.add(f"{label}, batch 1, --tile 64 VAE decode: peak memory", peak_gib(device), None, "GiB")
+    pipe = model = call = None
+    reset_peak(device)
+
+
 def bench_unet(args, S: Settings, table: Table, device: torch.device):
     """One U-Net forward at batch 2 (the CFG pair), SD 1.5 shapes."""
     model = build_model(args, S, device, "sd1")
@@ -616,9 +739,10 @@ def tiled_rows(model: ldm.LatentDiffusion, S: Settings, table: Table, device: to
 
 
 def time_training(model: ldm.LatentDiffusion, unet, fwd, S: Settings, device: torch.device,
-                  channels_last: bool = False, steps: int = 10) -> tuple[float, float]:
-    """(images/s, peak GiB) of train.py's U-Net step (ldm.diffusion_loss, backward, clipping, fused AdamW, EMA) on
-    random latents and contexts of the training shapes, after 3 warm-up steps."""
+                  channels_last: bool = False, steps: int = 10, params: list = None) -> tuple[float, float, float]:
+    """(images/s, peak GiB, seconds of the 3 warm-up steps: compile time) of train.py's U-Net step
+    (ldm.diffusion_loss, backward, clipping, fused AdamW, EMA) on random latents and contexts of the training shapes.
+    params: what trains (default: the U-Net's parameters that require grad; a LoRA's)."""
     reset_peak(device)
     torch.manual_seed(0)
     B, h = S.train_batch, S.train_size // model.downsample_factor
@@ -627,7 +751,7 @@ def time_training(model: ldm.LatentDiffusion, unet, fwd, S: Settings, device: to
     if channels_last:
         z0 = z0.to(memory_format=torch.channels_last)
     context = torch.randn(B, 77, model.unet.cfg.context_dim, device=device)
-    params = [p for p in unet.parameters() if p.requires_grad]
+    params = params if params is not None else [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=device.type == "cuda")
     ema = [p.detach().clone() for p in params]
 
@@ -642,14 +766,47 @@ def time_training(model: ldm.LatentDiffusion, unet, fwd, S: Settings, device: to
         opt.zero_grad(set_to_none=True)
         torch._foreach_lerp_(ema, [p.detach() for p in params], 1e-4)
 
+    start = time.perf_counter()
     for _ in range(3):
         step()
     sync(device)
+    warmup = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
         step()
     sync(device)
-    return B * steps / (time.perf_counter() - start), peak_gib(device)
+    return B * steps / (time.perf_counter() - start), peak_gib(device), warmup
+
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]  # attn+ff
+
+
+def lora_training(model: ldm.LatentDiffusion, S: Settings, device: torch.device, steps: int,
+                  diffusers_config: dict = None) -> tuple[float, float, float]:
+    """time_training of a rank-16 LoRA on the attention and feed-forward layers (train.py's default targets) of a
+    frozen U-Net held in the autocast dtype, as train.py --lora-rank 16 runs it; diffusers_config: diffusers' U-Net
+    with peft's adapters on the same layers instead (its LoRA weights in float32, as diffusers' LoRA script keeps
+    them)."""
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(S.train_precision)
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = (type(model.unet)(model.unet.cfg) if diffusers_config is None else
+                __import__("diffusers").UNet2DConditionModel(**diffusers_config))
+    unet.requires_grad_(False).to(amp or torch.float32).train()
+    if diffusers_config is None:
+        model.unet = unet
+        params = list(lora_lib.LoRANetwork(model, 16, which="attn+ff").parameters())
+        fwd = unet
+    else:
+        from peft import LoraConfig
+        unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        params = [p for p in unet.parameters() if p.requires_grad]
+        for p in params:
+            p.data = p.data.float()
+        fwd = lambda x, t, c: unet(x, t, encoder_hidden_states=c).sample  # noqa: E731
+    print(f"  {'ldm' if diffusers_config is None else 'diffusers + peft'} LoRA: "
+          f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters", flush=True)
+    return time_training(model, unet, fwd, S, device, steps=steps, params=params)
 
 
 def bench_train(args, S: Settings, table: Table, device: torch.device):
@@ -684,23 +841,33 @@ def bench_train(args, S: Settings, table: Table, device: torch.device):
             print(f"  diffusers grad checkpointing {ckpt}: {results['diffusers', ckpt][0]:.2f} images/s, "
                   f"peak {results['diffusers', ckpt][1]:.2f} GiB", flush=True)
             del unet, fwd
+    results["ldm lora", False] = lora_training(model, S, device, steps)
+    if importlib.util.find_spec("diffusers") is not None and importlib.util.find_spec("peft") is not None:
+        results["diffusers lora", False] = lora_training(model, S, device, steps, diffusers_configs(model)[0])
+    for who in ("ldm", "diffusers"):
+        if (who + " lora", False) in results:
+            (ips, peak, _), (full_ips, full_peak, _) = results[who + " lora", False], results[who, False]
+            print(f"  {who} LoRA rank 16: {ips:.2f} images/s ({ips / full_ips:.2f}x full fine-tuning), peak "
+                  f"{peak:.2f} GiB ({peak / full_peak:.0%} of full fine-tuning)", flush=True)
     if device.type == "cuda":  # the fast paths last: a compile that outlasts a time limit loses nothing else
-        torch.manual_seed(0)
-        with torch.device(device):
-            unet = type(model.unet)(unet_cfg).train()
-        unet.cfg.use_checkpoint = False
-        unet.to(memory_format=torch.channels_last)
-        results["ldm cl", False] = time_training(model, unet, unet, S, device, channels_last=True, steps=steps)
-        print(f"  ldm channels_last: {results['ldm cl', False][0]:.2f} images/s, "
-              f"peak {results['ldm cl', False][1]:.2f} GiB", flush=True)
-        if args.compile:
-            start = time.time()
-            unet.compile(dynamic=False)
-            results["ldm compiled", False] = time_training(model, unet, unet, S, device, True, steps)
-            print(f"  ldm channels_last + compile: {results['ldm compiled', False][0]:.2f} images/s, peak "
-                  f"{results['ldm compiled', False][1]:.2f} GiB (compile and run {time.time() - start:.0f} s)",
-                  flush=True)
-        del unet
+        for ckpt in ((False, True) if args.compile else (False,)):
+            torch.manual_seed(0)
+            with torch.device(device):
+                unet = type(model.unet)(unet_cfg).train()
+            unet.cfg.use_checkpoint = ckpt
+            unet.to(memory_format=torch.channels_last)
+            if not ckpt:
+                results["ldm cl", False] = time_training(model, unet, unet, S, device, channels_last=True,
+                                                         steps=steps)
+                print(f"  ldm channels_last: {results['ldm cl', False][0]:.2f} images/s, "
+                      f"peak {results['ldm cl', False][1]:.2f} GiB", flush=True)
+            if args.compile:  # train.py --compile: block by block, forward and backward
+                unet_lib.compile_blocks(unet, dynamic=False)
+                results["ldm compiled", ckpt] = time_training(model, unet, unet, S, device, True, steps)
+                ips, peak, warmup = results["ldm compiled", ckpt]
+                print(f"  ldm channels_last + compile_blocks, grad checkpointing {ckpt}: {ips:.2f} images/s, peak "
+                      f"{peak:.2f} GiB (compile: the 3 warm-up steps took {warmup:.0f} s)", flush=True)
+            del unet
     label = (f"train {S.train_config} U-Net {S.train_size}px ({h}x{h} latents), batch {S.train_batch}, "
              f"{S.train_precision}")
     mem = "GiB" if device.type == "cuda" else "GiB RSS"
@@ -709,12 +876,28 @@ def bench_train(args, S: Settings, table: Table, device: torch.device):
         theirs = results.get(("diffusers", ckpt), (None, None))
         table.add(f"{label}{g}: images/s", results["ldm", ckpt][0], theirs[0], "img/s", lower_is_better=False)
         table.add(f"{label}{g}: peak memory", results["ldm", ckpt][1], theirs[1], mem)
-    for key, name in ((("ldm cl", False), "channels_last"), (("ldm compiled", False), "channels_last + compile")):
+    for key, name in ((("ldm cl", False), "channels_last"), (("ldm compiled", False), "channels_last + compile"),
+                      (("ldm compiled", True), "channels_last + compile + grad checkpointing")):
         if key in results:
-            table.add(f"{label}, ldm {name}: images/s", results[key][0], results.get(("diffusers", False), (None,))[0],
-                      "img/s", lower_is_better=False)
-    cost = 1 - results["ldm", True][0] / results["ldm", False][0]
-    print(f"  gradient checkpointing costs ldm {cost:.0%} of its throughput")
+            theirs = results.get(("diffusers", key[1]), (None,))[0]
+            table.add(f"{label}, ldm {name}: images/s", results[key][0], theirs, "img/s", lower_is_better=False)
+            if key[0] == "ldm compiled":
+                table.add(f"{label}, ldm {name}: compile time (3 warm-up steps)", results[key][2], None, "s")
+    theirs = results.get(("diffusers lora", False), (None, None))
+    table.add(f"{label}, LoRA rank 16 attn+ff, frozen base: images/s", results["ldm lora", False][0], theirs[0],
+              "img/s", lower_is_better=False)
+    table.add(f"{label}, LoRA rank 16 attn+ff, frozen base: peak memory", results["ldm lora", False][1], theirs[1],
+              mem)
+    (lora_ips, lora_peak, _), (full_ips, full_peak, _) = results["ldm lora", False], results["ldm", False]
+    table.add(f"{label}, LoRA: images/s of full fine-tuning's", lora_ips / full_ips,
+              theirs[0] and theirs[0] / results["diffusers", False][0], "x", lower_is_better=False)
+    if device.type == "cuda":  # the CPU's peak RSS is the process's, never reset
+        table.add(f"{label}, LoRA: peak memory of full fine-tuning's", lora_peak / full_peak,
+                  theirs[1] and theirs[1] / results["diffusers", False][1], "x")
+    for key in (("ldm", False), ("ldm compiled", False)):
+        if (key[0], True) in results:
+            cost = 1 - results[key[0], True][0] / results[key][0]
+            print(f"  gradient checkpointing costs {key[0]} {cost:.0%} of its throughput")
 
 
 STEP_COUNTS = (10, 15, 20, 30, 50)
@@ -758,7 +941,8 @@ def bench_samplers(args, S: Settings, table: Table, device: torch.device):
                        + f"\n\nDDIM at 999 steps: {ddim_floor:.4f} (its grid's own start and end, not step error)")
 
 
-BENCHMARKS = {"sample": bench_sample, "unet": bench_unet, "vae": bench_vae, "train": bench_train, "load": bench_load,
+BENCHMARKS = {"sample": bench_sample, "dpmpp": bench_dpmpp, "sdxl": bench_sdxl,
+              "unet": bench_unet, "vae": bench_vae, "train": bench_train, "load": bench_load,
               "samplers": bench_samplers}
 def main(argv=None):
     args = make_parser().parse_args(argv)
@@ -776,6 +960,9 @@ def main(argv=None):
         if what in (args.only or BENCHMARKS):
             print(f"[{what}]", flush=True)
             bench(*((args, S, table) if what == "load" else (args, S, table, device)))
+            if args.json:  # after each benchmark: a later one that runs out of time loses nothing before it
+                Path(args.json).write_text(json.dumps(dict(device=name, versions=versions, rows=table.records(),
+                                                           extra=table.extra), indent=1))
     text = f"{name}; {versions}\n\n" + (f"{table.markdown()}\n" if table.rows else "") + "".join(
         f"\n{extra}\n" for extra in table.extra)
     print("\n" + text)
