@@ -8,7 +8,10 @@ Reading (`read_lora`) brings every file to one form, {kohya module name: Pair(do
   `lora_te1_` / `lora_te2_` (SDXL's CLIP-L / bigG), by transformers' names (`text_model_encoder_layers_0_self_attn_
   q_proj`). Convolutions (LoCon: ResBlock 3x3 convs, shortcuts, down / up samplers) as well as linear layers.
 - diffusers / PEFT: `unet.<diffusers path>.lora_A.weight` (down) / `.lora_B.weight` (up), or `.lora.down.weight`
-  / `.lora.up.weight`; `text_encoder.` / `text_encoder_2.` for the text encoders.
+  / `.lora.up.weight` (`.lora_linear_layer.down.weight` / `.up.weight` for text encoders), as diffusers' training
+  scripts write them; `text_encoder.` / `text_encoder_2.` for the text encoders, by transformers' names (with or
+  without the `text_model.` level, which transformers 5's CLIPTextModel drops). Alphas come from the adapter configs
+  diffusers keeps in the file's metadata (`peft_alpha`); none means alpha = r.
 
 `targets(model)` names every weight a LoRA can change, under every name a file may use, with loop-built tables
 (the U-Net's come from the diffusers-folder conversion table). Applying merges the update into the weights, in
@@ -20,6 +23,7 @@ original: `remove` restores them bit for bit, so one loaded model switches LoRAs
 import json
 import math
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,40 +141,54 @@ def targets(model: nn.Module) -> dict[str, Target]:
 
 
 _SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
-             ".lora.down.weight": "down", ".lora.up.weight": "up", ".alpha": "alpha"}
+             ".lora.down.weight": "down", ".lora.up.weight": "up", ".lora_linear_layer.down.weight": "down",
+             ".lora_linear_layer.up.weight": "up", ".alpha": "alpha"}
 _PEFT_PARTS = {"unet.": "lora_unet_", "text_encoder.": "lora_te_", "text_encoder_2.": "lora_te2_"}
-_OTHER_KINDS = ("hada_", "lokr_", "lora_mid", "dora_scale", ".diff", "oft_", "boft_")
+_OTHER_KINDS = ("hada_", "lokr_", "lora_mid", "dora_scale", "lora_magnitude_vector", "oft_", "boft_")
+_OTHER_SUFFIXES = (".diff", ".diff_b")  # LyCORIS' full weight differences (a substring would match .diffusion_model)
 
 
 def kohya_name(base: str) -> str | None:
     """A file's module name in kohya's form: kohya names as they are, diffusers / PEFT paths (`unet.down_blocks.0.
-    ...`, `text_encoder.text_model...`) with their part's kohya prefix; None for neither."""
+    ...`, `text_encoder.text_model...` or transformers 5's `text_encoder.encoder...`) with their part's kohya
+    prefix; None for neither."""
     if base.startswith("lora_"):
         return base
     for theirs, prefix in _PEFT_PARTS.items():
         if base.startswith(theirs):
-            return prefix + base[len(theirs):].replace(".", "_")
+            path = base[len(theirs):]
+            if prefix != "lora_unet_" and path.startswith("encoder."):  # a CLIPTextModel without text_model.
+                path = "text_model." + path
+            return prefix + path.replace(".", "_")
     return None
 
 
-def peft_alphas(metadata: dict[str, str]) -> dict[str, float]:
-    """{kohya prefix: lora_alpha} from the adapter configs diffusers writes into a PEFT-format file's metadata
-    (`lora_adapter_metadata`: {"unet.lora_alpha": 8, ...} or {"unet": {"lora_alpha": 8, ...}})."""
-    raw = metadata.get("lora_adapter_metadata")
-    if not raw:
-        return {}
+def peft_configs(metadata: dict[str, str]) -> dict[str, dict]:
+    """{part ("unet", "text_encoder", "text_encoder_2"): its adapter config} from the metadata diffusers writes
+    into a PEFT-format file: `lora_adapter_metadata`, the JSON of every part's peft LoraConfig fields under its
+    prefix ({"unet.lora_alpha": 8, "unet.alpha_pattern": {"to_k": 2}, "unet.use_rslora": false, "text_encoder.r":
+    4, ...}); {} for none (diffusers then reads alpha = r)."""
     try:
-        meta = json.loads(raw)
+        meta = json.loads(metadata.get("lora_adapter_metadata") or "{}")
     except json.JSONDecodeError:
         return {}
     out = {}
-    for theirs, prefix in _PEFT_PARTS.items():
-        part = theirs[:-1]
-        value = meta.get(f"{part}.lora_alpha", (meta.get(part) or {}).get("lora_alpha")
-                         if isinstance(meta.get(part), dict) else None)
-        if value is not None:
-            out[prefix] = float(value)
+    for key, value in meta.items() if isinstance(meta, dict) else ():
+        part, _, field = key.partition(".")
+        out.setdefault(part, {})[field] = value
     return out
+
+
+def peft_alpha(config: dict, module: str, rank: int) -> float:
+    """The kohya alpha (scale alpha / r) of PEFT module `module` (its path inside its part) of rank `rank` under
+    its part's adapter config: the first alpha_pattern entry matching the end of the path, as peft matches them,
+    else lora_alpha; rsLoRA (use_rslora) scales by alpha / sqrt(r), which is alpha sqrt(r) / r. No config: r."""
+    alpha = config.get("lora_alpha", rank)
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = value
+            break
+    return float(alpha) * (math.sqrt(rank) if config.get("use_rslora") else 1.0)
 
 
 def read_lora(source, path: str | os.PathLike = None) -> tuple[dict[str, Pair], dict[str, str]]:
@@ -183,9 +201,9 @@ def read_lora(source, path: str | os.PathLike = None) -> tuple[dict[str, Pair], 
     else:
         sd, metadata = dict(source), {}
     path = path or "LoRA"
-    parts, stray = {}, []
+    parts, stray, peft = {}, [], {}  # peft: {kohya name: (part, module path)} of the diffusers / PEFT names
     for key, value in sd.items():
-        if any(k in key for k in _OTHER_KINDS):
+        if any(k in key for k in _OTHER_KINDS) or key.endswith(_OTHER_SUFFIXES):
             raise CheckpointError(f"{path}: {key} is a LyCORIS / DoRA weight, not plain LoRA; only LoRA and LoCon "
                                   "files (lora_down / lora_up) are supported")
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
@@ -194,20 +212,27 @@ def read_lora(source, path: str | os.PathLike = None) -> tuple[dict[str, Pair], 
             stray.append(key)
             continue
         parts.setdefault(name, {})[_SUFFIXES[suffix]] = value
+        if not key.startswith("lora_"):
+            peft[name] = tuple(key[:-len(suffix)].split(".", 1))
     if stray:
         raise CheckpointError(f"{path}: not LoRA weights: {', '.join(stray[:5])}"
                               + (f" ... ({len(stray)} in all)" if len(stray) > 5 else ""))
     if not parts:
         raise CheckpointError(f"{path}: holds no LoRA weights")
-    alphas = peft_alphas(metadata)
+    configs = peft_configs(metadata)
     out = {}
     for name, p in parts.items():
         if "down" not in p or "up" not in p:
             raise CheckpointError(f"{path}: {name} has {'a lora_down' if 'down' in p else 'a lora_up'} weight "
                                   "without its pair")
         r = p["down"].shape[0]
-        default = next((a for prefix, a in alphas.items() if name.startswith(prefix)), r)
-        alpha = float(p["alpha"]) if "alpha" in p else float(default)
+        if "alpha" in p:
+            alpha = float(p["alpha"])
+        elif name in peft:
+            part, module = peft[name]
+            alpha = peft_alpha(configs.get(part, {}), module, r)
+        else:
+            alpha = float(r)
         out[name] = Pair(p["down"], p["up"], alpha)
     return out, metadata
 
@@ -223,8 +248,8 @@ def guess_model(pairs: dict[str, Pair]) -> str:
     if any(n.startswith(("lora_te1_", "lora_te2_", "lora_unet_input_blocks", "lora_unet_output_blocks",
                          "lora_unet_middle_block")) for n in names):
         return "SDXL"
-    for n, p in pairs.items():
-        if n.startswith("lora_te_") or n.endswith("attn2_to_k"):
+    for n, p in pairs.items():  # these read the text width (fc2 reads 4x it)
+        if (n.startswith("lora_te_") and not n.endswith("_fc2")) or n.endswith("attn2_to_k"):
             return _model_kind(p.down.flatten(1).shape[1])
     return "another model"
 
@@ -237,7 +262,7 @@ def resolve(model: nn.Module, pairs: dict[str, Pair], path) -> list[tuple[Target
     unknown = [n for n in pairs if n not in table]
     if unknown:
         raise CheckpointError(f"{path}: {len(unknown)} of its {len(pairs)} LoRA modules match nothing in this "
-                              f"{here} model ({', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}); it "
+                              f"model ({here}): {', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}; it "
                               f"looks like a LoRA for {guess_model(pairs)}")
     out, bad = [], []
     for name, pair in pairs.items():
@@ -249,7 +274,7 @@ def resolve(model: nn.Module, pairs: dict[str, Pair], path) -> list[tuple[Target
             bad.append(f"{name} ({tuple(pair.up.shape)} x {tuple(pair.down.shape)} for a {tuple(w.shape)} weight)")
         out.append((target, pair))
     if bad:
-        raise CheckpointError(f"{path}: LoRA shapes that do not fit this {here} model: {', '.join(bad[:3])}"
+        raise CheckpointError(f"{path}: LoRA shapes that do not fit this model ({here}): {', '.join(bad[:3])}"
                               + (f" ... ({len(bad)} in all)" if len(bad) > 3 else "")
                               + f"; it looks like a LoRA for {guess_model(pairs)}")
     return out

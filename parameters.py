@@ -8,10 +8,14 @@ chunk), which ComfyUI, SD.Next and image sites read too:
 `format_parameters` writes it for a Job, `parse_parameters` reads ours and A1111's back into a Job (the older
 "Sampler: DPM++ 2M Karras" form too). A setting that would change the pixels and that this project does not have
 (hires fix, another emphasis mode, a schedule it lacks) is an error naming it, never silently dropped.
+
+A1111's LoRA syntax lives here too: `<lora:NAME:WEIGHT>` tags in a prompt (`lora_tags` reads them and gives the
+prompt without them, as it is encoded; the recorded prompt keeps them), and the "Lora hashes" field.
 Standard library only.
 """
 
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -138,3 +142,101 @@ def parse_parameters(text: str) -> tuple[Job, dict]:
     except (KeyError, ValueError) as e:
         raise UserError(f"unreadable generation parameters ({type(e).__name__}: {e}) in: {last!r}") from None
     return job, fields
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# LoRA: A1111's extra-network tags in prompts and its "Lora hashes" field
+
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # <kind:arg:arg...>, A1111's extra networks
+LORA_KINDS = ("lora", "lyco")  # A1111 reads LyCORIS's old <lyco:...> tag as <lora:...>
+
+
+@dataclass(frozen=True)
+class LoraTag:
+    """<lora:NAME:WEIGHT>: the LoRA file NAME (the file's name without its extension) merged at WEIGHT."""
+    name: str
+    weight: float = 1.0
+
+
+def _tag_weight(tag: str, what: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise UserError(f"{tag}: the {what} {text.strip()!r} is not a finite number")
+    return value
+
+
+def _lora_tag(tag: str, args: str) -> LoraTag:
+    """One tag's arguments as A1111 reads them: NAME, then positional TE (default 1), UNET (default TE) and DYN, or
+    te= / unet= / dyn=. One multiplier for the whole LoRA here: TE and UNET must agree, and DYN (a rank cut) is not
+    available."""
+    name, *items = [item.strip() for item in args.split(":")]
+    named = dict(item.split("=", 1) for item in items if "=" in item)
+    positional = [item for item in items if "=" not in item]
+    unknown = sorted(set(named) - {"te", "unet", "dyn"})
+    if not name or unknown or len(positional) > 3:
+        raise UserError(f"{tag}: not a LoRA tag as A1111 writes them (<lora:NAME>, <lora:NAME:WEIGHT>, "
+                        "<lora:NAME:TE:UNET>, te= / unet=)")
+    if "dyn" in named or len(positional) > 2:
+        raise UserError(f"{tag}: a dyn rank cut (DYN) is not available; give the weight alone")
+    te = _tag_weight(tag, "weight", positional[0]) if positional else 1.0
+    te = _tag_weight(tag, "te weight", named["te"]) if "te" in named else te
+    unet = _tag_weight(tag, "unet weight", positional[1]) if len(positional) > 1 else te
+    unet = _tag_weight(tag, "unet weight", named["unet"]) if "unet" in named else unet
+    if te != unet:
+        raise UserError(f"{tag}: separate text-encoder and U-Net weights ({te:g} and {unet:g}) are not available; "
+                        "give one weight, <lora:NAME:WEIGHT>")
+    return LoraTag(name, te)
+
+
+def lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
+    """(the prompt as it is encoded, its <lora:...> tags in order). Each extra-network tag is cut out and nothing
+    put in its place, as A1111 does; another kind of extra network (<hypernet:...>) is an error."""
+    tags = []
+
+    def take(m: re.Match) -> str:
+        if m[1].lower() not in LORA_KINDS:
+            raise UserError(f"{m[0]}: A1111's {m[1]} extra networks are not available (only <lora:NAME:WEIGHT>)")
+        tags.append(_lora_tag(m[0], m[2]))
+        return ""
+
+    return EXTRA_NETWORK.sub(take, prompt), tags
+
+
+def _number_text(value: float) -> str:
+    return repr(float(value))  # the shortest text that reads back as the same float
+
+
+def lora_tag(name: str, weight: float) -> str:
+    """The tag of a LoRA applied at `weight`, as A1111 adds one to the prompt it records for a LoRA it applies by
+    itself (its "Add network to prompt" setting)."""
+    if not name or any(c in name for c in ":<>") or name != name.strip():
+        raise UserError(f"the LoRA name {name!r} cannot be written as a <lora:NAME> tag (':', '<', '>' or spaces at "
+                        "its ends); rename the file")
+    return f"<lora:{name}:{_number_text(weight)}>"
+
+
+def _hash_name(name: str) -> str:
+    return name.replace(":", "").replace(",", "")  # A1111 drops them from the names it lists
+
+
+def format_lora_hashes(entries: list[tuple[str, str]]) -> str:
+    """A1111's "Lora hashes" value for [(name, 12-hex-digit hash)]: "name: hash, name: hash", each name once."""
+    return ", ".join(dict.fromkeys(f"{_hash_name(name)}: {digest}" for name, digest in entries))
+
+
+def parse_lora_hashes(text: str | None) -> dict[str, str]:
+    """{name: hash} of a "Lora hashes" value; entries that are not "name: hash" are skipped."""
+    out = {}
+    for entry in (text or "").split(","):
+        name, sep, digest = entry.partition(":")
+        if sep and name.strip() and digest.strip():
+            out[name.strip()] = digest.strip().lower()
+    return out
+
+
+def lora_hash_for(hashes: dict[str, str], name: str) -> str | None:
+    """The hash `hashes` (parse_lora_hashes) records for the LoRA a tag names."""
+    return hashes.get(_hash_name(name))

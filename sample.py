@@ -1,10 +1,17 @@
 """Text-to-image (and image-to-image) from the command line:
 
     python sample.py "a photograph of an astronaut riding a horse"
+    python sample.py "a watercolor fox" --lora runs/lora/lora.safetensors:0.8
+    python sample.py "a watercolor fox <lora:lora:0.8>" --lora-dir runs/lora
 
 Each PNG carries its generation settings in a `parameters` text chunk, in the format of the AUTOMATIC1111 web UI,
 so `python sample.py --replay outputs/00000.png` regenerates it and checks the pixels. Without --ckpt the SD 1.5
 weights are downloaded once into $LDM_HOME (default: the user cache folder, e.g. ~/.cache/ldm).
+
+LoRAs come as A1111's prompt tags, <lora:NAME:WEIGHT> (NAME.safetensors, .pt or .ckpt in --lora-dir), and as
+--lora FILE[:WEIGHT]; all of an image's LoRAs are merged into the weights before it is drawn (images whose prompts
+name other LoRAs are drawn apart). The PNG records the tags in its prompt (a --lora file as the tag A1111 would
+have had, added at the prompt's end) and A1111's "Lora hashes", by which --replay finds a renamed file.
 """
 
 import argparse
@@ -15,12 +22,28 @@ import re
 import signal
 import sys
 import threading
+import typing
 from pathlib import Path
 
 from cli import HelpFormatter, Parser, UserError, explicit_flags, run
-from parameters import SAMPLER_NAMES, SCHEDULE_NAMES, Job, format_parameters, parse_parameters
+from parameters import (EXTRA_NETWORK, SAMPLER_NAMES, SCHEDULE_NAMES, Job, format_lora_hashes, format_parameters,
+                        lora_hash_for, lora_tag, lora_tags, parse_lora_hashes, parse_parameters)
 
 SEED_MAX = 2 ** 64 - 1  # what torch.Generator.manual_seed takes
+
+
+def lora_flag(text: str) -> tuple[Path, float]:
+    """--lora FILE[:WEIGHT] -> (FILE, WEIGHT): a last ':' followed by a number is the weight, else part of the path."""
+    path, sep, weight = text.rpartition(":")
+    try:
+        value = float(weight) if sep and path else None
+    except ValueError:
+        value = None
+    if value is None:
+        return Path(text), 1.0
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: the weight must be a finite number")
+    return Path(path), value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "first use)")
     p.add_argument("--vae", type=Path, metavar="PATH", help="standalone VAE to use instead of the checkpoint's "
                    "(e.g. vae-ft-mse; sdxl-vae-fp16-fix runs in fp16, where SDXL's own VAE is kept in fp32/bf16)")
+    p.add_argument("--lora", type=lora_flag, action="append", metavar="FILE[:WEIGHT]", help="merge "
+                   "this LoRA (kohya or diffusers/PEFT .safetensors, or .pt) into the model's weights (not a "
+                   "--refiner's) at WEIGHT (default 1); repeatable, and added to the prompt's <lora:NAME:WEIGHT> "
+                   "tags. The PNG records it as the tag <lora:NAME:WEIGHT> (NAME: the file's name without its "
+                   "extension) at the end of the prompt")
+    p.add_argument("--lora-dir", type=Path, default=Path("models/Lora"), metavar="DIR", help="where a prompt's "
+                   "<lora:NAME:WEIGHT> tags (A1111's syntax; <lora:NAME> is weight 1) find NAME.safetensors, .pt or "
+                   ".ckpt, subfolders included (the default is A1111's folder, under the working directory; "
+                   "ComfyUI's is models/loras). --replay and --params-from also look beside the PNG, and for a "
+                   "renamed file by the Lora hashes the PNG records")
     p.add_argument("--embeddings", type=Path, metavar="DIR", help="textual-inversion embeddings (A1111 .pt or "
                    ".safetensors files, or a folder of them): a prompt word equal to a file's name becomes its vectors")
     p.add_argument("--prediction", choices=["eps", "v"], help="U-Net prediction type (default: from the file; "
@@ -84,9 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "so of compiling on the first image")
     p.add_argument("--no-cuda-graph", action="store_true", help="on CUDA, launch each denoising step's kernels "
                    "one by one instead of replaying a captured CUDA graph (same images, slower)")
-    p.add_argument("--params-from", type=Path, metavar="PNG", help="take prompt, negative prompt, steps, sampler, "
-                   "schedule, CFG, seed, size and clip skip from this PNG's parameters (ours or A1111's); flags given "
-                   "override them")
+    p.add_argument("--params-from", type=Path, metavar="PNG", help="take prompt (with its LoRA tags), negative "
+                   "prompt, steps, sampler, schedule, CFG, seed, size and clip skip from this PNG's parameters (ours "
+                   "or A1111's); flags given override them")
     p.add_argument("--replay", type=Path, metavar="PNG", help="regenerate this PNG from its parameters and compare "
                    "pixels (exit 0 when identical, 1 when not); without --ckpt, the model its 'Model hash' names, "
                    "looked for in the download cache and beside the PNG")
@@ -103,6 +136,7 @@ from PIL import Image, ImageOps, PngImagePlugin
 import checkpoint
 import clip
 import ldm
+import lora as lora_lib
 import vae as vae_lib
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -247,10 +281,11 @@ def check_size(model: ldm.LatentDiffusion, width: int, height: int, batch: int =
     return width, height
 
 
-def job_info(model: ldm.LatentDiffusion, job: Job, info: dict) -> dict:
-    """The model's fields for the parameters text, plus A1111's "TI hashes" of the embeddings this job's prompts use."""
-    used = model.embeddings_used([job.negative, job.prompt])
-    return {**info, "TI hashes": clip.ti_hashes(used) if used else None}
+def job_info(model: ldm.LatentDiffusion, job: Job, info: dict, loras: dict = None) -> dict:
+    """The model's fields for the parameters text, plus the job's "Lora hashes" (`loras`, lora_info) and A1111's "TI
+    hashes" of the embeddings its prompts use."""
+    used = model.embeddings_used([job.negative, lora_tags(job.prompt)[0]])
+    return {**info, **(loras or {}), "TI hashes": clip.ti_hashes(used) if used else None}
 
 
 def check_embeddings(model: ldm.LatentDiffusion, fields: dict, png: Path):
@@ -278,7 +313,7 @@ def generate(model: ldm.LatentDiffusion, jobs: list[Job], init: torch.Tensor = N
                       crop=tuple(job.crop or (0, 0)),
                       aesthetic_score=ldm.Sizes.aesthetic_score if job.aesthetic_score is None else job.aesthetic_score)
     try:
-        return ldm.sample(model, [j.prompt for j in jobs], negative_prompts=[j.negative for j in jobs],
+        return ldm.sample(model, [lora_tags(j.prompt)[0] for j in jobs], negative_prompts=[j.negative for j in jobs],
                           seed=[j.seed for j in jobs], steps=job.steps, guidance_scale=job.cfg, eta=job.eta,
                           height=job.height, width=job.width, sampler=job.sampler, scheduler=job.scheduler,
                           clip_skip=job.clip_skip, init_image=init, strength=job.strength or 0.75, sizes=sizes,
@@ -314,6 +349,129 @@ def load_refiner(args, model: ldm.LatentDiffusion) -> tuple[ldm.LatentDiffusion 
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# LoRA: the files of <lora:NAME:WEIGHT> tags and --lora flags, their hashes, merged per group of images
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")  # the files A1111 lists in its Lora folder; for one NAME, this order
+
+
+class LoraUse(typing.NamedTuple):
+    """One LoRA of an image: the name its tag and "Lora hashes" give it, its file and its weight."""
+    name: str
+    path: Path
+    weight: float
+
+
+class LoraFinder:
+    """The file a <lora:NAME> tag names: NAME + one of LORA_SUFFIXES anywhere under `folders` (subfolders too, as
+    A1111 lists its models/Lora). For the tags of an image (--replay, --params-from), whose "Lora hashes" say which
+    file each was (`recorded`), the file with that hash wins, so that a renamed file is found too."""
+
+    def __init__(self, folders: list[tuple[Path, str]], recorded: dict[str, str] = None):
+        self.folders = list(dict.fromkeys(folders))  # (folder, how to name it in messages)
+        self.recorded = recorded or {}
+        self.hashes: dict[Path, str] = {}
+        self._files = None
+
+    def files(self) -> list[Path]:
+        if self._files is None:
+            found = {p.resolve(): p for folder, _ in self.folders if folder.is_dir() for p in sorted(folder.rglob("*"))
+                     if p.suffix.lower() in LORA_SUFFIXES and p.is_file()}
+            self._files = sorted(found.values(), key=lambda p: LORA_SUFFIXES.index(p.suffix.lower()))
+        return self._files
+
+    def shorthash(self, path: Path) -> str:
+        """A1111's 12 hex digits of a LoRA file (checkpoint.lora_sha256), once per file and run."""
+        if path not in self.hashes:
+            self.hashes[path] = checkpoint.lora_sha256(path, progress=path.stat().st_size > 1 << 28)[:12]
+        return self.hashes[path]
+
+    def find(self, name: str) -> Path:
+        named = [p for p in self.files() if p.stem == name]
+        want = lora_hash_for(self.recorded, name)
+        if want:
+            for path in named + [p for p in self.files() if p not in named]:  # by name first: most often it is that
+                if self.shorthash(path) == want:
+                    if path.stem != name:
+                        print(f"<lora:{name}> is {path}: the file with the image's Lora hash {want}", file=sys.stderr)
+                    return path
+        if named:
+            if want:
+                print(f"warning: LoRA {name} is {named[0]} (hash {self.shorthash(named[0])}), the image's had hash "
+                      f"{want}", file=sys.stderr)
+            return named[0]
+        where = " or ".join(f"{folder} ({what}{'' if folder.is_dir() else ', no such folder'})"
+                            for folder, what in self.folders)
+        raise UserError(f"<lora:{name}>: no {name}.safetensors, .pt or .ckpt in {where}"
+                        + (f", and no file there has the image's Lora hash {want}" if want else "")
+                        + "; pass --lora-dir with the folder that holds it")
+
+
+def lora_uses(prompt: str, finder: LoraFinder, flags: list[tuple[Path, float]] = ()) -> tuple[LoraUse, ...]:
+    """The LoRAs of an image: its prompt's tags, then the --lora files, in the order they are merged."""
+    uses = [LoraUse(tag.name, finder.find(tag.name), tag.weight) for tag in lora_tags(prompt)[1]]
+    uses += [LoraUse(path.stem, path, weight) for path, weight in flags]
+    for a in uses:
+        same = [b.path for b in uses if b.name == a.name and b.path.resolve() != a.path.resolve()]
+        if same:
+            raise UserError(f"two LoRA files named {a.name!r} ({a.path} and {same[0]}): the image could not say which "
+                            "it used; rename one")
+    return tuple(uses)
+
+
+def flag_loras(args) -> list[tuple[Path, float]]:
+    """--lora FILE[:WEIGHT] files, each checked to exist (before the model loads)."""
+    for path, _ in args.lora or []:
+        if not path.is_file():
+            raise UserError(f"--lora {path}: {'is a folder' if path.is_dir() else 'no such file'}")
+        lora_tag(path.stem, 1.0)  # its name must fit in the tag the PNG records
+    return list(args.lora or [])
+
+
+def check_loras(model: ldm.LatentDiffusion, uses: list[tuple[LoraUse, ...]], ckpt) -> None:
+    """Every LoRA file must fit the model (one line naming the file, before any image); a model loaded with a LoRA
+    merged in (a LoRA training run) draws one set of further LoRAs only, as removing them would remove its own."""
+    for path in dict.fromkeys(u.path for group in uses for u in group):
+        lora_lib.resolve(model, lora_lib.read_lora(path)[0], path)
+    if model.loras and len(set(uses)) > 1:
+        raise UserError(f"{ckpt} has a LoRA merged in (a LoRA training run), so its images cannot each take other "
+                        "LoRAs; pass the run's base model as --ckpt and its lora.safetensors as --lora")
+
+
+def merge_loras(model: ldm.LatentDiffusion, uses: tuple[LoraUse, ...], merged: tuple[LoraUse, ...] = ()):
+    """Make `uses` the LoRAs this script has merged into the model, where `merged` are; returns `uses`. Removing
+    restores the weights bit for bit, so each image gets exactly its own LoRAs, merged in its own order."""
+    if uses == merged:
+        return uses
+    if merged:
+        model.remove_loras()
+    for use in uses:
+        model.apply_lora(use.path, use.weight, name=use.name)
+    if uses:
+        print("LoRA " + ", ".join(f"{u.name} x{u.weight:g}" for u in uses), file=sys.stderr)
+    return uses
+
+
+def lora_info(uses: tuple[LoraUse, ...], finder: LoraFinder) -> dict:
+    return {"Lora hashes": format_lora_hashes([(u.name, finder.shorthash(u.path)) for u in uses]) if uses else None}
+
+
+def batches(keys: list, size: int) -> list[range]:
+    """Runs of at most `size` consecutive indices with equal keys (the LoRAs merged for them)."""
+    out, start = [], 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or i - start == size or keys[i] != keys[start]:
+            out.append(range(start, i))
+            start = i
+    return out
+
+
+def check_negative(negative: str):
+    if EXTRA_NETWORK.search(negative):
+        raise UserError("the negative prompt has an extra-network tag (<lora:...>); LoRA tags go in the prompt (A1111 "
+                        "reads none in the negative prompt)")
+
+
+# -----------------------------------------------------------------------------------------------------------------
 # The two commands: generate, replay
 
 
@@ -343,11 +501,23 @@ def check_args(args):
         raise UserError(f"--out {args.out}: give a folder or a .png file (the parameters live in a PNG text chunk)")
 
 
+def lora_finder(args, png: Path = None, fields: dict = None) -> LoraFinder:
+    """Where tags find their files: --lora-dir, and for an image's own tags the image's folder and its Lora hashes."""
+    folders = [(args.lora_dir, "--lora-dir")] + ([(png.resolve().parent, "beside the image")] if png else [])
+    return LoraFinder(folders, parse_lora_hashes((fields or {}).get("Lora hashes")))
+
+
 def run_generate(args, params_fields: dict = None) -> int:
     check_args(args)
     prompts = read_prompts(args)
+    check_negative(args.negative or "")
+    flags = flag_loras(args)
+    finder = lora_finder(args, args.params_from, params_fields)
+    prompt_loras = {p: lora_uses(p, finder, flags) for p in prompts}  # every file found before the model loads
+    suffix = "".join(lora_tag(path.stem, weight) for path, weight in flags)  # as A1111 records a LoRA it adds
     init_pil = read_image(args.init_image, "--init-image") if args.init_image else None
     model, info = load(args)
+    check_loras(model, list(prompt_loras.values()), args.ckpt)
     if params_fields:
         check_embeddings(model, params_fields, args.params_from)
     width, height = check_size(model, args.width, args.height, args.batch_size, args.tile)
@@ -357,10 +527,10 @@ def run_generate(args, params_fields: dict = None) -> int:
     refiner, refiner_info = load_refiner(args, model)
     info = {**info, **refiner_info}
     sdxl = sdxl_settings(model, args, width, height, refiner)
-    jobs = [Job(p, args.negative or "", seed + i, args.steps, args.cfg, width, height, args.sampler,
+    jobs = [Job(p + suffix, args.negative or "", seed + i, args.steps, args.cfg, width, height, args.sampler,
                 args.scheduler, args.eta, args.strength if init is not None else None, args.clip_skip, **sdxl)
             for p in prompts for i in range(args.n)]
-    batch = args.batch_size
+    loras = [prompt_loras[p] for p in prompts for _ in range(args.n)]
     stop = []
 
     def on_sigint(signum, frame):
@@ -371,22 +541,25 @@ def run_generate(args, params_fields: dict = None) -> int:
 
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
-    written = []
+    written, merged = [], ()
     try:
-        for i in range(0, len(jobs), batch):
+        for run_of in batches(loras, args.batch_size):  # images with other LoRAs are drawn apart
             if stop:
                 break
-            chunk = jobs[i:i + batch]
+            chunk = [jobs[i] for i in run_of]
+            merged = merge_loras(model, loras[run_of[0]], merged)
             images = generate(model, chunk, init, tile=args.tile, cuda_graph=not args.no_cuda_graph, refiner=refiner)
             for job, image in zip(chunk, images):
-                print(save_png(image, args.out, format_parameters(job, job_info(model, job, info))), flush=True)
+                text = format_parameters(job, job_info(model, job, info, lora_info(merged, finder)))
+                print(save_png(image, args.out, text), flush=True)
                 written.append(image)
     finally:
         if in_main:
             signal.signal(signal.SIGINT, previous)
     if len(written) > 1:
         cols = args.n if len(prompts) > 1 else math.ceil(math.sqrt(len(written)))
-        print(save_png(ldm.image_grid(written, cols), args.out, format_parameters(jobs[0], info), grid=True))
+        text = format_parameters(jobs[0], {**info, **lora_info(loras[0], finder)})
+        print(save_png(ldm.image_grid(written, cols), args.out, text, grid=True))
     if stop:
         print(f"interrupted: kept the {len(written)} image(s) written", file=sys.stderr)
         return 130
@@ -452,7 +625,13 @@ def run_replay(args) -> int:
         args.ckpt = find_model(fields, args.replay)
     if job.refiner_switch is not None and args.refiner is None:
         raise UserError(f"{args.replay} was made with a refiner ({fields.get('Refiner', '?')}); pass it as --refiner")
+    if args.lora:
+        raise UserError("--replay takes its LoRAs from the image's <lora:NAME:WEIGHT> tags, found in --lora-dir or "
+                        "beside the image; drop --lora")
+    check_negative(job.negative)
+    uses = lora_uses(job.prompt, lora_finder(args, args.replay, fields))
     model, info = load(args)
+    check_loras(model, [uses], args.ckpt)
     refiner, _ = load_refiner(args, model)
     check_embeddings(model, fields, args.replay)
     check_size(model, job.width, job.height, 1, args.tile)
@@ -461,6 +640,7 @@ def run_replay(args) -> int:
             print(f"warning: {key} {info.get(key)} differs from the image's {fields.get(key)}; pass the --ckpt/--vae "
                   "it was made with", file=sys.stderr)
     init = image_tensor(init_pil, job.width, job.height) if init_pil else None
+    merge_loras(model, uses)
     old = np.asarray(image.convert("RGB"), dtype=np.int16)
     new = generate(model, [job], init, tile=args.tile, cuda_graph=not args.no_cuda_graph, refiner=refiner)[0]
     new = np.asarray(new, dtype=np.int16)

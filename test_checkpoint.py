@@ -1014,3 +1014,20 @@ def test_default_checkpoint_uses_ldm_home_and_env_url(server, payload, ldm_home,
     assert path == ldm_home / "model.safetensors" and path.read_bytes() == payload
     assert checkpoint.file_sha256(path) == sha and str(path.resolve()) in (ldm_home / "sha256.json").read_text()
     assert checkpoint.default_checkpoint(progress=False) == path and len(server.ranges) == 2  # cached: no new request
+
+
+def test_lora_sha256_is_a1111s_hash_of_a_lora_file(tmp_path, ldm_home):
+    """.safetensors: the sha256 of the data after the header (metadata edits keep it), or the sshs_model_hash
+    sd-scripts wrote; other files: the sha256 of the whole file. Remembered beside file_sha256's digest."""
+    tensors = {"lora_unet_x.lora_down.weight": torch.arange(6.0).reshape(2, 3), "lora_unet_x.alpha": torch.tensor(2.0)}
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    checkpoint.save_safetensors(a, tensors)
+    checkpoint.save_safetensors(b, tensors, {"ss_output_name": "b", "modelspec.title": "another header"})
+    data = a.read_bytes()
+    want = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+    assert checkpoint.lora_sha256(a) == checkpoint.lora_sha256(b) == want != checkpoint.file_sha256(a)
+    assert json.loads((ldm_home / "sha256.json").read_text())[str(a.resolve())]["addnet_sha256"] == want
+    checkpoint.save_safetensors(b, tensors, {"sshs_model_hash": "AB" * 32})
+    assert checkpoint.lora_sha256(b) == "ab" * 32
+    torch.save(tensors, tmp_path / "c.pt")
+    assert checkpoint.lora_sha256(tmp_path / "c.pt") == hashlib.sha256((tmp_path / "c.pt").read_bytes()).hexdigest()

@@ -3,7 +3,8 @@
 import pytest
 
 from cli import UserError
-from parameters import SAMPLER_NAMES, SCHEDULE_NAMES, Job, format_parameters, parse_parameters
+from parameters import (SAMPLER_NAMES, SCHEDULE_NAMES, Job, LoraTag, format_lora_hashes, format_parameters,
+                        lora_hash_for, lora_tag, lora_tags, parse_lora_hashes, parse_parameters)
 
 # The last line of PNGs the A1111 web UI writes (1.10: the schedule as its own field; before 1.9: in the name)
 A1111_NEW = ("Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1234, Size: 512x768, "
@@ -76,3 +77,48 @@ def test_settings_this_project_lacks_are_one_line_errors(extra, expect):
     with pytest.raises(UserError) as e:
         parse_parameters(text)
     assert expect in str(e.value) and "\n" not in str(e.value)
+
+
+def test_lora_tags_are_read_and_cut_out_as_a1111_does():
+    text, tags = lora_tags("a cat, <lora:style:0.8>, (red:1.2) <lyco:sub dir name> <lora:x:te=0.5:unet=0.5>"
+                           "<lora:y:-1:-1>")
+    assert text == "a cat, , (red:1.2)  "  # nothing is put where a tag was
+    assert tags == [LoraTag("style", 0.8), LoraTag("sub dir name", 1.0), LoraTag("x", 0.5), LoraTag("y", -1.0)]
+    assert lora_tags("no tags (x:1.1)") == ("no tags (x:1.1)", [])
+    for name, weight in (("style", 0.8), ("a b", 1.0), ("w", 0.1 + 0.2)):  # written so that it reads back the same
+        assert lora_tags(lora_tag(name, weight))[1] == [LoraTag(name, weight)]
+    assert lora_tag("style", 1) == "<lora:style:1.0>"
+
+
+@pytest.mark.parametrize("prompt, expect", [
+    ("<lora:x:1:0.5>", "separate text-encoder and U-Net weights (1 and 0.5) are not available"),
+    ("<lora:x:unet=0>", "separate text-encoder and U-Net weights (1 and 0) are not available"),
+    ("<lora:x:1:1:8>", "a dyn rank cut (DYN) is not available"),
+    ("<lora:x:much>", "the weight 'much' is not a finite number"),
+    ("<lora:x:inf>", "the weight 'inf' is not a finite number"),
+    ("<lora::1>", "not a LoRA tag as A1111 writes them"),
+    ("<lora:x:mid=1>", "not a LoRA tag as A1111 writes them"),
+    ("<hypernet:x:1>", "A1111's hypernet extra networks are not available"),
+])
+def test_lora_tags_this_project_cannot_follow_are_one_line_errors(prompt, expect):
+    with pytest.raises(UserError) as e:
+        lora_tags(f"a cat {prompt}")
+    assert expect in str(e.value) and prompt in str(e.value)
+    with pytest.raises(UserError, match="cannot be written as a <lora:NAME> tag"):
+        lora_tag("a:b", 1.0)
+
+
+def test_lora_hashes_in_a1111s_format():
+    value = format_lora_hashes([("style", "0123456789ab"), ("a, b:c", "ba9876543210"), ("style", "0123456789ab")])
+    assert value == "style: 0123456789ab, a bc: ba9876543210"  # ':' and ',' dropped from names, each once
+    job = Job("a cat<lora:style:1.0>", "", 1, 20, 7.0, 512, 512)
+    text = format_parameters(job, {"Model hash": "0123456789", "Lora hashes": value})
+    assert 'Model hash: 0123456789, Lora hashes: "style: 0123456789ab, a bc: ba9876543210", RNG: CPU' in text
+    parsed, fields = parse_parameters(text)
+    assert parsed == job and parse_lora_hashes(fields["Lora hashes"]) == {"style": "0123456789ab",
+                                                                          "a bc": "ba9876543210"}
+    assert lora_hash_for(parse_lora_hashes(fields["Lora hashes"]), "a, b:c") == "ba9876543210"
+    # an A1111 PNG's field (1.10)
+    _, fields = parse_parameters('x <lora:add_detail:0.5>\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: '
+                                 '512x512, Lora hashes: "add_detail: 7c6bad76eb54", Version: v1.10.1')
+    assert parse_lora_hashes(fields["Lora hashes"]) == {"add_detail": "7c6bad76eb54"} and parse_lora_hashes(None) == {}

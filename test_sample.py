@@ -18,7 +18,7 @@ import checkpoint
 import ldm
 import sample
 import vae as vae_lib
-from testutil import randomize_
+from testutil import random_lora, randomize_
 
 ROOT = Path(__file__).resolve().parent
 
@@ -30,6 +30,12 @@ def ckpt(tmp_path_factory) -> Path:
     ldm.save_model(model, path)
     return path
 
+
+
+@pytest.fixture(scope="module")
+def tiny(ckpt):
+    """The tiny model of `ckpt`; tests must not change it."""
+    return ldm.load_model(ckpt, device="cpu")
 
 
 def cli(*args, cwd, env=None):
@@ -268,6 +274,109 @@ def test_vae_swap_changes_the_image_and_is_recorded(tmp_path, ckpt, capsys):
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# LoRA: --lora FILE[:WEIGHT], <lora:NAME:WEIGHT> tags, Lora hashes, replay
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory, tiny) -> Path:
+    """style and detail: random LoRAs of the tiny model (U-Net and text encoder); elsewhere: one whose module names
+    are not the tiny model's."""
+    folder = tmp_path_factory.mktemp("loras")
+    checkpoint.save_safetensors(folder / "style.safetensors", random_lora(tiny, 1), {"ss_output_name": "style"})
+    (folder / "sub").mkdir()
+    checkpoint.save_safetensors(folder / "sub" / "detail.safetensors", random_lora(tiny, 2))
+    checkpoint.save_safetensors(folder / "elsewhere.safetensors", {
+        k.replace("lora_unet_", "lora_unet_input_blocks_9_"): v for k, v in random_lora(tiny, 3).items()})
+    return folder
+
+
+def addnet_hash(path: Path) -> str:
+    """A1111's Lora hash of a .safetensors file: sha256 of what follows the 8-byte header length and the header."""
+    data = path.read_bytes()
+    return hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_lora_flag_and_tag_merge_then_sample_record_hashes_and_replay(tmp_path, ckpt, tiny, lora_dir, capsys,
+                                                                    monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the default --lora-dir, models/Lora, is not
+    style = lora_dir / "style.safetensors"
+    args = ("--ckpt", ckpt, "--seed", 3, *FAST)
+    rc, out, _ = run_main(capsys, "a red apple", "--lora", f"{style}:0.5", *args, "--out", tmp_path / "flag")
+    assert rc == 0
+    text = parameters(out.strip())
+    assert text.startswith("a red apple<lora:style:0.5>\n")  # recorded as the tag A1111 adds for a LoRA it applies
+    assert f'Lora hashes: "style: {addnet_hash(style)}"' in text
+    model = ldm.load_model(ckpt)
+    model.apply_lora(style, 0.5)
+    expected = ldm.sample(model, ["a red apple"], seed=3, steps=3, progress=False)[0]
+    assert np.array_equal(pixels(out.strip()), np.asarray(expected))
+    assert not np.array_equal(np.asarray(expected), np.asarray(ldm.sample(tiny, ["a red apple"], seed=3, steps=3,
+                                                                          progress=False)[0]))  # it changes things
+    rc, tagged, _ = run_main(capsys, "a red apple<lora:style:0.5>", "--lora-dir", lora_dir, *args, "--out",
+                             tmp_path / "tag")  # the same image and record, from the prompt's tag
+    assert rc == 0 and parameters(tagged.strip()) == text and np.array_equal(pixels(tagged.strip()), expected)
+
+    rc, res, _ = run_main(capsys, "--replay", out.strip(), "--ckpt", ckpt, "--lora-dir", lora_dir)
+    assert rc == 0 and res.startswith("match: identical pixels")
+    rc, _, err = run_main(capsys, "--replay", out.strip(), "--ckpt", ckpt)  # nowhere it looks: one line
+    line = error_line(err)
+    assert rc == 2 and "<lora:style>: no style.safetensors, .pt or .ckpt in models/Lora (--lora-dir, no such " in line
+    assert f"beside the image), and no file there has the image's Lora hash {addnet_hash(style)}" in line
+    (tmp_path / "flag" / "renamed.safetensors").write_bytes(style.read_bytes())  # beside the PNG, by its hash
+    rc, res, err = run_main(capsys, "--replay", out.strip(), "--ckpt", ckpt)
+    assert rc == 0 and res.startswith("match") and "renamed.safetensors: the file with the image's Lora hash" in err
+
+
+def test_loras_of_tags_and_flags_sum_and_each_prompt_gets_its_own(tmp_path, ckpt, lora_dir, capsys):
+    style, detail = lora_dir / "style.safetensors", lora_dir / "sub" / "detail.safetensors"
+    (tmp_path / "prompts.txt").write_text("a cat <lora:detail:0.7>\na cat\n", encoding="utf-8")
+    rc, out, _ = run_main(capsys, "--prompts-file", tmp_path / "prompts.txt", "--lora", style, "--lora-dir",
+                          lora_dir, "--ckpt", ckpt, "--seed", 5, "--steps", 2, "--batch-size", 2, "--out", tmp_path)
+    first, second, _grid = out.split()
+    assert rc == 0 and parameters(first).startswith("a cat <lora:detail:0.7><lora:style:1.0>\n")
+    assert f'Lora hashes: "detail: {addnet_hash(detail)}, style: {addnet_hash(style)}"' in parameters(first)
+    assert parameters(second).startswith("a cat<lora:style:1.0>\n")
+    model = ldm.load_model(ckpt)
+    model.apply_lora(detail, 0.7)
+    model.apply_lora(style, 1.0)
+    both = ldm.sample(model, ["a cat "], seed=5, steps=2, progress=False)[0]
+    model.remove_loras()
+    model.apply_lora(style, 1.0)
+    one = ldm.sample(model, ["a cat"], seed=5, steps=2, progress=False)[0]
+    assert np.array_equal(pixels(first), both) and np.array_equal(pixels(second), one)
+    rc, res, _ = run_main(capsys, "--replay", first, "--ckpt", ckpt, "--lora-dir", lora_dir)
+    assert rc == 0 and res.startswith("match")
+
+
+@pytest.mark.parametrize("prompt, flags, expect", [
+    ("a <lora:nope:1>", [], "<lora:nope>: no nope.safetensors, .pt or .ckpt in LORAS (--lora-dir); pass --lora-dir"),
+    ("a", ["--lora", "LORAS/elsewhere.safetensors"], "LoRA modules match nothing in this"),
+    ("a <lora:style:0.5:1>", [], "separate text-encoder and U-Net weights (0.5 and 1) are not available"),
+    ("a <hypernet:x:1>", [], "A1111's hypernet extra networks are not available"),
+    ("a", ["--negative", "<lora:style>"], "LoRA tags go in the prompt"),
+    ("a", ["--lora", "LORAS/missing.safetensors:0.5"], "--lora LORAS/missing.safetensors: no such file"),
+])
+def test_lora_mistakes_are_one_line_errors(tmp_path, ckpt, lora_dir, capsys, prompt, flags, expect):
+    flags = [str(f).replace("LORAS", str(lora_dir)) for f in flags]
+    rc, out, err = run_main(capsys, prompt, *flags, "--lora-dir", lora_dir, "--ckpt", ckpt, *FAST, "--out",
+                            tmp_path / "out")
+    assert rc == 2 and out == "" and expect.replace("LORAS", str(lora_dir)) in error_line(err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_flag_weight_is_a_last_number():
+    assert sample.lora_flag("a/b.safetensors:0.5") == (Path("a/b.safetensors"), 0.5)
+    assert sample.lora_flag("a/b.safetensors:-1") == (Path("a/b.safetensors"), -1.0)
+    assert sample.lora_flag("a/b.safetensors") == (Path("a/b.safetensors"), 1.0)
+    assert sample.lora_flag("dir:x/b.safetensors") == (Path("dir:x/b.safetensors"), 1.0)  # ':' in a path
+    assert sample.lora_flag("dir:2/b:1e-1") == (Path("dir:2/b"), 0.1)
+
+
+# -----------------------------------------------------------------------------------------------------------------
 # errors: one line on stderr, exit code 2
 
 
@@ -358,11 +467,6 @@ def test_extreme_but_valid_settings_run(tmp_path, ckpt, capsys):
 
 # -----------------------------------------------------------------------------------------------------------------
 # sampling internals: same pixels as ldm.sample, the float16 VAE retry
-
-
-@pytest.fixture(scope="module")
-def tiny(ckpt):
-    return ldm.load_model(ckpt, device="cpu")
 
 
 def test_batches_with_eta_give_each_image_its_own_seed(tmp_path, ckpt, capsys):

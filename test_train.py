@@ -669,12 +669,15 @@ def test_a_lora_run_resumes_bitwise_reloads_and_its_file_redraws_the_sample_grid
     run = ldm.load_model(tmp_path / "a")
     assert all(torch.equal(merged.state_dict()[k], v) for k, v in run.state_dict().items())
     grid = Image.open(tmp_path / "a" / "samples" / "step-0000006.png")
-    prompt = json.loads(grid.text["prompts"])[0]
-    assert sample.main([prompt, "--ckpt", str(random_base), "--lora", str(tmp_path / "a" / "lora.safetensors"),
-                        "--steps", "2", "--cfg", "5", "--seed", "0", "--height", "32", "--width", "32", "--out",
-                        str(tmp_path / "s")]) == 0
-    (image,) = (tmp_path / "s").glob("*.png")
-    assert np.array_equal(np.asarray(Image.open(image)), np.asarray(grid.convert("RGB").crop((0, 0, 32, 32))))
+    prompts = json.loads(grid.text["prompts"])
+    assert len(prompts) > 1
+    for i, prompt in enumerate(prompts):  # image i: --seed + i
+        out = tmp_path / f"s{i}.png"
+        assert sample.main([prompt, "--ckpt", str(random_base), "--lora", str(tmp_path / "a" / "lora.safetensors"),
+                            "--steps", "2", "--cfg", "5", "--seed", str(i), "--height", "32", "--width", "32",
+                            "--out", str(out)]) == 0
+        tile = grid.convert("RGB").crop((32 * i, 0, 32 * i + 32, 32))
+        assert np.array_equal(np.asarray(Image.open(out)), np.asarray(tile)), i
 
 
 @pytest.mark.parametrize("flags, message", [

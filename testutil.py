@@ -5,6 +5,7 @@ and runs the golden fixtures were made with. Dev only: no runtime module imports
 The golden fixtures hold inputs and reference outputs only; a test rebuilds the same weights with `randomize_` (or
 `random_weights`) and the same seed, so changing the rule below means regenerating every fixture:
     python fixtures/gen_clip.py; python fixtures/gen_unet.py; python fixtures/gen_vae.py; python fixtures/gen_ldm.py
+    python fixtures/gen_lora.py
 """
 
 import json
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 import clip
+import lora
 import unet
 import vae
 from bench import unet_diffusers_config, unet_original_yaml  # noqa: F401  (shared with bench's diffusers twins)
@@ -293,4 +295,40 @@ def reference_tensors() -> dict[str, torch.Tensor]:
         out[f"t{i}.{str(dtype)[6:]}"] = (torch.arange(2 * 3 * (i + 1)) - 5).reshape(2, 3, i + 1).to(dtype)
     out["scalar"] = torch.tensor(3.5)
     out["empty"] = torch.zeros(0, 4)
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# LoRAs against diffusers + peft (fixtures/gen_lora.py -> lora_parity.pt)
+
+# randomize_ seed of each model, random_lora seed of its LoRA, and the multiplier it is applied at; "tiny" and
+# "tiny-sdxl" models (ldm.PRESETS). The PEFT-format cases reuse the SD 1.x model.
+LORA_RUNS = {"sd1": dict(preset="tiny", seed=41, lora_seed=51, multiplier=0.7),
+             "sdxl": dict(preset="tiny-sdxl", seed=42, lora_seed=52, multiplier=-0.6)}
+LORA_PROMPTS = ["a red apple on a table", "an emoji of a smiling cat"]
+
+
+def random_lora(model, seed: int, alpha: bool = True, rank: int = 4, conv_rank: int = 2) -> dict[str, torch.Tensor]:
+    """A kohya LoRA (LoCon) of every weight a file can name in `model` (a LatentDiffusion): the U-Net's linear
+    layers and convolutions under the names its kohya files use (diffusers paths for SD 1.x / 2.x, original ones
+    for SDXL) and every text encoder's under its prefix (lora_te_; SDXL lora_te1_ / lora_te2_). Rank `rank`, and
+    `conv_rank` for 3x3 convolutions (LoCon's separate conv_dim); down N / sqrt(fan-in) and up 0.5 N / sqrt(rank),
+    so each update is about half its weight's size, drawn in sorted name order from one generator seeded with
+    `seed`. alpha=True writes `.alpha` = rank for every module (scale 1), alpha=False none (which reads the same)."""
+    style = "original" if model.unet.cfg.adm_in_channels is not None else "diffusers"
+    weights = {name: model.unet.get_submodule(path).weight for name, (path, s) in lora.unet_names(model.unet).items()
+               if s == style}
+    for prefix, encoder, path in lora.text_encoder_parts(model.text_encoder):
+        weights.update({name: t.tensor(model) for name, t in lora.text_names(encoder, prefix, path).items()})
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in sorted(weights):
+        shape = weights[name].shape
+        r = conv_rank if len(shape) == 4 and shape[-1] > 1 else rank
+        fan_in = math.prod(shape[1:])
+        out[f"{name}.lora_down.weight"] = torch.randn(r, *shape[1:], generator=g) / math.sqrt(fan_in)
+        up = torch.randn(shape[0], r, generator=g) * (0.5 / math.sqrt(r))
+        out[f"{name}.lora_up.weight"] = up[..., None, None] if len(shape) == 4 else up
+        if alpha:
+            out[f"{name}.alpha"] = torch.tensor(float(r))
     return out

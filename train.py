@@ -478,9 +478,11 @@ def sample_grid(t: Training, step: int):
     try:
         lora = t.network.merged(model) if t.network is not None else nullcontext()
         with ema_weights(t), lora, t.run.autocast():  # a LoRA merged: what sample.py --lora gives
-            images = ldm.sample(model, t.prompts, steps=args.sample_steps, guidance_scale=args.sample_cfg,
-                                seed=args.seed, height=args.resolution, width=args.resolution, progress=False,
-                                cuda_graph=False)  # a kept graph would hold its activation memory while training
+            # one at a time: `sample.py PROMPT --seed S` redraws each image exactly (a batch of another size can
+            # round differently); no CUDA graph, whose memory would stay held while training
+            images = [ldm.sample(model, [p], steps=args.sample_steps, guidance_scale=args.sample_cfg,
+                                 seed=args.seed + i, height=args.resolution, width=args.resolution, progress=False,
+                                 cuda_graph=False)[0] for i, p in enumerate(t.prompts)]
     except ldm.NonFiniteError as e:
         return t.run.print(f"warning: no sample grid at step {step}: {e}")
     finally:
