@@ -197,11 +197,12 @@ class LatentDiffusion(nn.Module):
         chunker = self.prompt_chunker()
         return list({id(e): e for p in prompts for e in chunker(p).embeddings}.values())
 
-    def apply_lora(self, source, multiplier: float = 1.0, name: str = None) -> lora_lib.Applied:
+    def apply_lora(self, source, multiplier: float = 1.0, name: str = None,
+                   unet_multiplier: float = None) -> lora_lib.Applied:
         """Merge a LoRA (kohya or diffusers / PEFT .safetensors, or its state dict) into the weights at `multiplier`
-        (lora.apply: strict, one-line errors for modules or shapes that do not fit). Several stack; remove_loras
-        undoes them all exactly."""
-        return lora_lib.apply(self, source, multiplier, name)
+        (the U-Net's at `unet_multiplier` when given; lora.apply: strict, one-line errors for modules or shapes that
+        do not fit). Several stack; remove_loras undoes them all exactly."""
+        return lora_lib.apply(self, source, multiplier, name, unet_multiplier)
 
     def remove_loras(self):
         """Every weight a LoRA changed back to its value before the first apply_lora, bit for bit."""

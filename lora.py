@@ -291,12 +291,15 @@ class Applied:
     multiplier: float
     path: Path | None
     modules: int
+    unet_multiplier: float | None = None  # the U-Net's own, where it differs from the text encoders' `multiplier`
 
 
 @torch.no_grad()
-def apply(model: nn.Module, source, multiplier: float = 1.0, name: str = None) -> Applied:
-    """Merge a LoRA (a file, or a state dict in either format) into `model` in place at `multiplier`. All its
-    modules are checked before any weight changes. Returns what was applied (also appended to model.loras)."""
+def apply(model: nn.Module, source, multiplier: float = 1.0, name: str = None,
+          unet_multiplier: float = None) -> Applied:
+    """Merge a LoRA (a file, or a state dict in either format) into `model` in place at `multiplier`, its U-Net
+    modules at `unet_multiplier` when given (A1111's <lora:NAME:TE:UNET>). All its modules are checked before any
+    weight changes. Returns what was applied (also appended to model.loras)."""
     path = Path(source) if isinstance(source, (str, os.PathLike)) else None
     pairs, _ = read_lora(source)
     resolved = resolve(model, pairs, path or "LoRA")
@@ -307,8 +310,9 @@ def apply(model: nn.Module, source, multiplier: float = 1.0, name: str = None) -
         if key not in backup:
             backup[key] = full.detach().to("cpu", copy=True)  # kept off the accelerator
         w = target.tensor(model)
-        w.copy_((w.float() + pair.delta(w.shape, multiplier).to(w.device)).to(w.dtype))
-    applied = Applied(name or (path.stem if path else "lora"), multiplier, path, len(resolved))
+        m = unet_multiplier if target.part == "unet" and unet_multiplier is not None else multiplier
+        w.copy_((w.float() + pair.delta(w.shape, m).to(w.device)).to(w.dtype))
+    applied = Applied(name or (path.stem if path else "lora"), multiplier, path, len(resolved), unet_multiplier)
     model.__dict__.setdefault("_loras", []).append(applied)
     return applied
 

@@ -153,9 +153,11 @@ LORA_KINDS = ("lora", "lyco")  # A1111 reads LyCORIS's old <lyco:...> tag as <lo
 
 @dataclass(frozen=True)
 class LoraTag:
-    """<lora:NAME:WEIGHT>: the LoRA file NAME (the file's name without its extension) merged at WEIGHT."""
+    """<lora:NAME:WEIGHT>: the LoRA file NAME (the file's name without its extension) merged at WEIGHT, or at WEIGHT
+    in the text encoders and `unet` in the U-Net (<lora:NAME:TE:UNET>)."""
     name: str
     weight: float = 1.0
+    unet: float | None = None  # None: WEIGHT
 
 
 def _tag_weight(tag: str, what: str, text: str) -> float:
@@ -170,8 +172,7 @@ def _tag_weight(tag: str, what: str, text: str) -> float:
 
 def _lora_tag(tag: str, args: str) -> LoraTag:
     """One tag's arguments as A1111 reads them: NAME, then positional TE (default 1), UNET (default TE) and DYN, or
-    te= / unet= / dyn=. One multiplier for the whole LoRA here: TE and UNET must agree, and DYN (a rank cut) is not
-    available."""
+    te= / unet= / dyn=. DYN (a rank cut) is not available."""
     name, *items = [item.strip() for item in args.split(":")]
     named = dict(item.split("=", 1) for item in items if "=" in item)
     positional = [item for item in items if "=" not in item]
@@ -185,10 +186,7 @@ def _lora_tag(tag: str, args: str) -> LoraTag:
     te = _tag_weight(tag, "te weight", named["te"]) if "te" in named else te
     unet = _tag_weight(tag, "unet weight", positional[1]) if len(positional) > 1 else te
     unet = _tag_weight(tag, "unet weight", named["unet"]) if "unet" in named else unet
-    if te != unet:
-        raise UserError(f"{tag}: separate text-encoder and U-Net weights ({te:g} and {unet:g}) are not available; "
-                        "give one weight, <lora:NAME:WEIGHT>")
-    return LoraTag(name, te)
+    return LoraTag(name, te, None if unet == te else unet)
 
 
 def lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:

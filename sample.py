@@ -355,10 +355,12 @@ LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")  # the files A1111 lists in its
 
 
 class LoraUse(typing.NamedTuple):
-    """One LoRA of an image: the name its tag and "Lora hashes" give it, its file and its weight."""
+    """One LoRA of an image: the name its tag and "Lora hashes" give it, its file and its weight (the text
+    encoders'; the U-Net's too unless unet_weight says otherwise: <lora:NAME:TE:UNET>)."""
     name: str
     path: Path
     weight: float
+    unet_weight: float | None = None
 
 
 class LoraFinder:
@@ -408,7 +410,7 @@ class LoraFinder:
 
 def lora_uses(prompt: str, finder: LoraFinder, flags: list[tuple[Path, float]] = ()) -> tuple[LoraUse, ...]:
     """The LoRAs of an image: its prompt's tags, then the --lora files, in the order they are merged."""
-    uses = [LoraUse(tag.name, finder.find(tag.name), tag.weight) for tag in lora_tags(prompt)[1]]
+    uses = [LoraUse(tag.name, finder.find(tag.name), tag.weight, tag.unet) for tag in lora_tags(prompt)[1]]
     uses += [LoraUse(path.stem, path, weight) for path, weight in flags]
     for a in uses:
         same = [b.path for b in uses if b.name == a.name and b.path.resolve() != a.path.resolve()]
@@ -445,9 +447,10 @@ def merge_loras(model: ldm.LatentDiffusion, uses: tuple[LoraUse, ...], merged: t
     if merged:
         model.remove_loras()
     for use in uses:
-        model.apply_lora(use.path, use.weight, name=use.name)
+        model.apply_lora(use.path, use.weight, name=use.name, unet_multiplier=use.unet_weight)
     if uses:
-        print("LoRA " + ", ".join(f"{u.name} x{u.weight:g}" for u in uses), file=sys.stderr)
+        print("LoRA " + ", ".join(f"{u.name} x{u.weight:g}" + (f" (U-Net x{u.unet_weight:g})" if u.unet_weight
+                                                                  is not None else "") for u in uses), file=sys.stderr)
     return uses
 
 

@@ -253,6 +253,23 @@ def test_stacked_loras_add_their_deltas(preset):
             assert torch.equal(v, w0[k]), k
 
 
+def test_a_unet_multiplier_of_its_own_leaves_the_text_encoders_at_theirs():
+    """A1111's <lora:NAME:TE:UNET>: apply_lora(sd, TE, unet_multiplier=UNET) changes the U-Net as apply_lora(sd, UNET)
+    does and the text encoder as apply_lora(sd, TE) does, bit for bit."""
+    model = build("tiny", 1)
+    sd = random_lora(model, 2)
+    merged = {}
+    for m in (0.4, 1.5):
+        model.apply_lora(sd, m)
+        merged[m] = {k: v.clone() for k, v in model.state_dict().items()}
+        model.remove_loras()
+    applied = model.apply_lora(sd, 0.4, unet_multiplier=1.5)
+    assert (applied.multiplier, applied.unet_multiplier) == (0.4, 1.5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, merged[1.5 if k.startswith("unet.") else 0.4][k]), k
+    assert not torch.equal(merged[0.4]["unet.out.2.weight"], merged[1.5]["unet.out.2.weight"])
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # Files that do not fit, or are not plain LoRA
 

@@ -84,6 +84,9 @@ def test_lora_tags_are_read_and_cut_out_as_a1111_does():
                            "<lora:y:-1:-1>")
     assert text == "a cat, , (red:1.2)  "  # nothing is put where a tag was
     assert tags == [LoraTag("style", 0.8), LoraTag("sub dir name", 1.0), LoraTag("x", 0.5), LoraTag("y", -1.0)]
+    # A1111's separate text-encoder and U-Net weights: TE, then UNET (default: TE), positional or by name
+    assert lora_tags("<lora:x:1:0.5><lora:x:unet=0><lora:x:te=0.3><lora:x:0.2:te=0.4:unet=0.7>")[1] == [
+        LoraTag("x", 1.0, 0.5), LoraTag("x", 1.0, 0.0), LoraTag("x", 0.3), LoraTag("x", 0.4, 0.7)]
     assert lora_tags("no tags (x:1.1)") == ("no tags (x:1.1)", [])
     for name, weight in (("style", 0.8), ("a b", 1.0), ("w", 0.1 + 0.2)):  # written so that it reads back the same
         assert lora_tags(lora_tag(name, weight))[1] == [LoraTag(name, weight)]
@@ -91,8 +94,6 @@ def test_lora_tags_are_read_and_cut_out_as_a1111_does():
 
 
 @pytest.mark.parametrize("prompt, expect", [
-    ("<lora:x:1:0.5>", "separate text-encoder and U-Net weights (1 and 0.5) are not available"),
-    ("<lora:x:unet=0>", "separate text-encoder and U-Net weights (1 and 0) are not available"),
     ("<lora:x:1:1:8>", "a dyn rank cut (DYN) is not available"),
     ("<lora:x:much>", "the weight 'much' is not a finite number"),
     ("<lora:x:inf>", "the weight 'inf' is not a finite number"),

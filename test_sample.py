@@ -352,10 +352,26 @@ def test_loras_of_tags_and_flags_sum_and_each_prompt_gets_its_own(tmp_path, ckpt
     assert rc == 0 and res.startswith("match")
 
 
+def test_a_tag_with_its_own_unet_weight_merges_each_part_at_its_weight(tmp_path, ckpt, lora_dir, capsys):
+    """<lora:NAME:TE:UNET>, as A1111 reads it: the text encoder at TE, the U-Net at UNET; the PNG keeps the tag, and
+    --replay redraws it."""
+    rc, out, _ = run_main(capsys, "a cat <lora:style:0.5:1.5>", "--lora-dir", lora_dir, "--ckpt", ckpt, "--seed", 3,
+                          "--steps", 2, "--out", tmp_path)
+    assert rc == 0 and parameters(out.strip()).startswith("a cat <lora:style:0.5:1.5>\n")
+    model = ldm.load_model(ckpt)
+    model.apply_lora(lora_dir / "style.safetensors", 0.5, unet_multiplier=1.5)
+    split = ldm.sample(model, ["a cat "], seed=3, steps=2, progress=False)[0]
+    model.remove_loras()
+    model.apply_lora(lora_dir / "style.safetensors", 0.5)
+    same = ldm.sample(model, ["a cat "], seed=3, steps=2, progress=False)[0]
+    assert np.array_equal(pixels(out.strip()), split) and not np.array_equal(split, same)
+    rc, res, _ = run_main(capsys, "--replay", out.strip(), "--ckpt", ckpt, "--lora-dir", lora_dir)
+    assert rc == 0 and res.startswith("match")
+
+
 @pytest.mark.parametrize("prompt, flags, expect", [
     ("a <lora:nope:1>", [], "<lora:nope>: no nope.safetensors, .pt or .ckpt in LORAS (--lora-dir); pass --lora-dir"),
     ("a", ["--lora", "LORAS/elsewhere.safetensors"], "LoRA modules match nothing in this"),
-    ("a <lora:style:0.5:1>", [], "separate text-encoder and U-Net weights (0.5 and 1) are not available"),
     ("a <hypernet:x:1>", [], "A1111's hypernet extra networks are not available"),
     ("a", ["--negative", "<lora:style>"], "LoRA tags go in the prompt"),
     ("a", ["--lora", "LORAS/missing.safetensors:0.5"], "--lora LORAS/missing.safetensors: no such file"),
