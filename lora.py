@@ -444,9 +444,11 @@ class LoRANetwork(nn.Module):
 
 
 def base_model_version(model: nn.Module) -> str:
-    """kohya's ss_base_model_version of a model."""
-    return {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl_base_v1-0", 1280: "sdxl_refiner_v1-0"}.get(
-        model.unet.cfg.context_dim, "sd_v1")
+    """kohya's ss_base_model_version of a model: SDXL base or refiner by its conditioning, SD 2.x by its text
+    width."""
+    if model.unet.cfg.adm_in_channels is not None:
+        return "sdxl_base_v1-0" if model.text_encoder.clip_l is not None else "sdxl_refiner_v1-0"
+    return "sd_v2" if model.unet.cfg.context_dim == 1024 else "sd_v1"
 
 
 def save(network: LoRANetwork, model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] = None):
@@ -454,7 +456,8 @@ def save(network: LoRANetwork, model: nn.Module, path: str | os.PathLike, metada
     ComfyUI list and load it; `metadata` adds or overrides entries."""
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(network.rank),
             "ss_network_alpha": str(network.alpha), "ss_base_model_version": base_model_version(model),
-            "ss_v2": str(model.unet.cfg.context_dim == 1024), "ss_network_args": json.dumps(
+            "ss_v2": str(base_model_version(model) == "sd_v2"),
+            "ss_v_parameterization": str(model.prediction_type == "v"), "ss_network_args": json.dumps(
                 {"conv_dim": str(network.rank), "conv_alpha": str(network.alpha)} if network.which == "all" else {}),
             "ss_lora_targets": network.which, "format": "pt"}
     meta.update(metadata or {})

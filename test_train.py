@@ -695,6 +695,23 @@ def test_lora_flags_that_do_not_fit_are_one_line_errors(tmp_path, random_base, f
         train.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--steps", "1"] + flags + FAST)
 
 
+def test_an_sdxl_lora_exports_sdxl_names_and_reloads(tmp_path):
+    """An SDXL LoRA (cached latents, sizes and pooled vectors) is written in the original module names sd-scripts
+    gives SDXL files, with SDXL's base model version; the run folder loads as the base with it merged."""
+    make_images(tmp_path / "d", 4)
+    base = randomize_(ldm.build_model("tiny-sdxl"), 4)
+    ldm.save_model(base, tmp_path / "xl.safetensors")
+    train.main(["--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--ckpt", str(tmp_path / "xl.safetensors"),
+                "--lora-rank", "4", "--cache-latents", "--steps", "3", "--lr", "1e-2"] + FAST)
+    sd, meta = checkpoint.read_checkpoint(tmp_path / "o" / "lora.safetensors")
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False"
+    assert all(k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
+               for k in sd)
+    base.apply_lora(tmp_path / "o" / "lora.safetensors")
+    run = ldm.load_model(tmp_path / "o")
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in run.state_dict().items())
+
+
 # --- distributed ---------------------------------------------------------------------------------------------------
 
 
