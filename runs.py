@@ -455,7 +455,9 @@ class Run:
         now = time.perf_counter()
         self.busy, self.tick = self.busy + now - self.tick, now
         self.pending.append((step, lr, logs or {}, torch.stack([loss.float(), norm.float(), applied.float()])))
-        if step % self.args.log_every == 0 or step == self.total or self.stop_requested:
+        # a stop on one process: read at once; under DDP the ranks agree on stopping at the log steps only, where
+        # every rank reads, so that each counts the same non-finite steps at the same step
+        if step % self.args.log_every == 0 or step == self.total or (self.stop_requested and self.world == 1):
             self.flush_log()
 
     def flush_log(self):
